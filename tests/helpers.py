@@ -1,0 +1,39 @@
+"""Comparison helpers shared by the kernel tests."""
+import torch
+
+# Value tolerances for kernel vs reference (relative to the largest score of the query head).
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def small_ints(shape, gen, low=-3, high=4, dtype=torch.float32):
+    """Integer-valued floats: every score is exact in fp32, so ties and indices can be compared exactly."""
+    return torch.randint(low, high, shape, generator=gen).to(dtype)
+
+
+def assert_selection_equal(got, want):
+    """Bitwise equality of a Selection (indices and values), used where scores are exact."""
+    assert torch.equal(got.indices, want.indices), (got.indices, want.indices)
+    assert torch.equal(got.values, want.values), (got.values, want.values)
+
+
+def assert_selection_close(got, want, scores, valid, descending, rtol):
+    """Real-valued inputs: values within tolerance of the reference; indices identical wherever the
+    reference score is distinct (more than 2 tolerances from both neighbours in the sorted scores);
+    every returned index carries its true score. scores [Q, H, N] (fp64 reference), valid [Q, N]."""
+    tol = rtol * scores.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6)
+    finite = want.indices >= 0
+    assert torch.equal(got.indices >= 0, finite), "padding differs"
+    diff = (got.values.double() - want.values.double()).abs().masked_fill(~finite, 0)
+    assert bool((diff <= tol).all()), f"max value error {float(diff.max())}"
+    fill = float("-inf") if descending else float("inf")
+    full = torch.sort(scores.masked_fill(~valid[:, None, :], fill), dim=-1, descending=descending).values
+    k = want.indices.shape[-1]
+    inf = torch.full_like(full[..., :1], float("inf"))
+    step = (full[..., 1:] - full[..., :-1]).abs()
+    gap_prev = torch.cat([inf, step], -1)[..., :k]
+    gap_next = torch.cat([step, inf], -1)[..., :k]
+    distinct = finite & (gap_prev > 2 * tol) & (gap_next > 2 * tol)
+    assert torch.equal(got.indices[distinct], want.indices[distinct]), "indices differ at distinct scores"
+    picked = scores.gather(-1, got.indices.clamp_min(0))
+    err = (picked - got.values.double()).abs().masked_fill(~finite, 0)
+    assert bool((err <= tol).all()), "a returned index does not carry its returned score"

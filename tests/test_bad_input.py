@@ -1,0 +1,113 @@
+"""Every bad input gets a clear Python exception that names the argument: never a crash or a wrong answer."""
+import pytest
+import torch
+
+import metaclm_ext
+
+Q = torch.randn(3, 2, 4)
+H = torch.randn(50, 8)
+
+
+def topk(queries=Q, history=H, k=5, **kw):
+    return metaclm_ext.history_topk(queries, history, k, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(queries=torch.randn(3)), ValueError, r"queries must be \[Q, D\] or \[Q, H, Dh\], got 1-D"),
+        (dict(queries=torch.randn(1, 2, 3, 4)), ValueError, r"queries must be .* got 4-D"),
+        (dict(history=torch.randn(50)), ValueError, r"history must be 2-D"),
+        (dict(history=torch.randn(5, 2, 4)), ValueError, r"history must be 2-D"),
+        (dict(queries=torch.randn(3, 3, 3), history=torch.randn(50, 8)), ValueError, r"history width D=8 is not divisible by the number of heads H=3"),
+        (dict(queries=torch.randn(3, 2, 3), history=torch.randn(50, 8)), ValueError, r"H\*Dh = 2\*3 = 6 but the history width is D=8"),
+        (dict(queries=torch.randn(3, 9)), ValueError, r"H\*Dh = 1\*9 = 9 but the history width is D=8"),
+        (dict(queries=torch.randn(3, 8), heads=3), ValueError, r"query width D=8 is not divisible by heads H=3"),
+        (dict(queries=torch.randint(0, 3, (3, 2, 4))), TypeError, r"queries must be a float tensor .* integer"),
+        (dict(history=torch.randint(0, 3, (50, 8))), TypeError, r"history must be a float tensor .* integer"),
+        (dict(history=torch.randn(50, 8, dtype=torch.complex64)), TypeError, r"history must be a float tensor .* complex"),
+        (dict(queries=torch.randn(3, 2, 4, dtype=torch.complex64)), TypeError, r"queries must be a float tensor .* complex"),
+        (dict(history=torch.randn(50, 8, dtype=torch.float64)), TypeError, r"history has unsupported dtype torch.float64"),
+        (dict(queries=torch.randn(3, 2, 4, dtype=torch.float64)), TypeError, r"queries has unsupported dtype"),
+        (dict(history=torch.randn(0, 8)), ValueError, r"history is empty"),
+        (dict(queries=torch.randn(0, 2, 4)), ValueError, r"queries is empty"),
+        (dict(k=0), ValueError, r"k must be in \[1, N = 50\], got 0"),
+        (dict(k=-3), ValueError, r"k must be in \[1, N = 50\], got -3"),
+        (dict(k=51), ValueError, r"k must be in \[1, N = 50\], got 51"),
+        (dict(k=2.0), TypeError, r"k must be an int"),
+        (dict(limit=-1), ValueError, r"limit\[0\] = -1 is outside \[0, N = 50\]"),
+        (dict(limit=51), ValueError, r"limit\[0\] = 51 is outside"),
+        (dict(limit=torch.tensor([1, 2, 60])), ValueError, r"limit\[2\] = 60 is outside"),
+        (dict(limit=torch.tensor([1, 2])), ValueError, r"limit must have shape \[Q\] = \[3\], got \[2\]"),
+        (dict(limit=torch.tensor([[1, 2, 3]])), ValueError, r"limit must have shape \[Q\]"),
+        (dict(limit=torch.tensor([1.0, 2.0, 3.0])), TypeError, r"limit must hold integers"),
+        (dict(limit=2.5), TypeError, r"limit must be an int or an int64 tensor"),
+        (dict(history=[[1.0] * 8] * 50), TypeError, r"history must be a tensor or a HistoryStore field"),
+        (dict(queries="q"), TypeError, r"queries must be a tensor"),
+        (dict(chunk_rows=0), ValueError, r"chunk_rows must be positive"),
+        (dict(queries=torch.randn(3, 2, 4, device="meta")), ValueError, r"queries are on meta but history is on cpu"),
+    ],
+)
+def test_topk_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        topk(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_history_names_row(bad, dtype):
+    history = torch.randn(5000, 8).to(dtype)
+    history[3210, 5] = bad
+    with pytest.raises(ValueError, match=r"history row 3210 contains NaN or Inf"):
+        topk(history=history, chunk_rows=1000)
+    with pytest.raises(ValueError, match=r"history row 3210 contains NaN or Inf"):
+        metaclm_ext.history_label_mass(Q, history, torch.zeros(5000, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match=r"inputs row 3210 contains NaN or Inf"):
+        metaclm_ext.dual_form_apply(torch.randn(2, 8), history, torch.randn(5000, 3))
+    with pytest.raises(ValueError, match=r"errors row 3210 contains NaN or Inf"):
+        metaclm_ext.dual_form_apply(torch.randn(2, 8), torch.randn(5000, 8), history)
+
+
+def test_non_finite_query_names_row():
+    queries = Q.clone()
+    queries[2, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"queries row 2 contains NaN or Inf"):
+        topk(queries=queries)
+
+
+def test_label_mass_bad_labels():
+    labels = torch.zeros(50, dtype=torch.int64)
+    labels[17] = 4
+    with pytest.raises(ValueError, match=r"labels row 17 is 4, outside \[0, num_labels = 4\)"):
+        metaclm_ext.history_label_mass(Q, H, labels, 4)
+    labels[17] = -1
+    with pytest.raises(ValueError, match=r"labels row 17 is -1"):
+        metaclm_ext.history_label_mass(Q, H, labels, 4)
+    with pytest.raises(ValueError, match=r"labels must have shape \[N\] = \[50\], got \[49\]"):
+        metaclm_ext.history_label_mass(Q, H, torch.zeros(49, dtype=torch.int64), 4)
+    with pytest.raises(TypeError, match=r"labels must be an integer tensor"):
+        metaclm_ext.history_label_mass(Q, H, torch.zeros(50), 4)
+    with pytest.raises(ValueError, match=r"num_labels must be a positive int"):
+        metaclm_ext.history_label_mass(Q, H, torch.zeros(50, dtype=torch.int64), 0)
+
+
+def test_dual_form_bad_shapes():
+    with pytest.raises(ValueError, match=r"errors has 40 rows but inputs has 50"):
+        metaclm_ext.dual_form_apply(torch.randn(2, 8), H, torch.randn(40, 3))
+    with pytest.raises(ValueError, match=r"queries must be a 2-D tensor"):
+        metaclm_ext.dual_form_apply(torch.randn(2, 2, 4), H, torch.randn(50, 3))
+    with pytest.raises(ValueError, match=r"H\*Dh = 1\*7 = 7 but the history width is D=8"):
+        metaclm_ext.dual_form_apply(torch.randn(2, 7), H, torch.randn(50, 3))
+
+
+def test_raw_op_rejects_bad_state_without_crashing():
+    """Direct callers of torch.ops.metaclm_ext.* get a ValueError too, not a segfault."""
+    keys = torch.full((3, 2, 5), float("-inf"))
+    idx = torch.zeros(3, 2, 5, dtype=torch.int64)
+    lim = torch.full((3,), 50)
+    with pytest.raises(ValueError, match="history width 7 != heads \\* head_dim"):
+        torch.ops.metaclm_ext.history_topk_merge(Q, torch.randn(50, 7), 0, lim, keys, idx, keys, idx)
+    with pytest.raises(ValueError, match="bad heap indices"):
+        torch.ops.metaclm_ext.history_topk_merge(Q, H, 0, lim, keys, idx.int(), keys, idx)
+    with pytest.raises(ValueError, match="limit must be int64"):
+        torch.ops.metaclm_ext.history_topk_merge(Q, H, 0, lim.int(), keys, idx, keys, idx)

@@ -1,0 +1,202 @@
+"""history_topk, history_label_mass and dual_form_apply against their plain PyTorch references."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import metaclm_ext
+from metaclm_ext import reference as ref
+from conftest import DTYPES
+from helpers import RTOL, assert_selection_close, assert_selection_equal, small_ints
+
+# (Q, H, Dh, N, k): heads of the paper's attention (8 x 8), its FFN (1 x 128), odd sizes, tails.
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (3, 8, 8, 1000, 10),
+    (5, 1, 128, 777, 7),
+    (2, 4, 16, 300, 300),
+    (7, 2, 3, 513, 4),
+    (4, 1, 64, 2049, 33),
+    (2, 2, 32, 1500, 1024),
+    (6, 3, 5, 257, 1),
+]
+
+
+def _limits(gen, q, n):
+    lim = torch.randint(0, n + 1, (q,), generator=gen)
+    lim[0] = n
+    if q > 1:
+        lim[1] = min(n, 2)
+    return lim
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_topk_exact_scores_match_reference(shape, dtype, gen):
+    """Integer-valued data: scores are exact, so indices (ties included) and values match bitwise."""
+    q_, h, dh, n, k = shape
+    queries = small_ints((q_, h, dh), gen, dtype=dtype)
+    history = small_ints((n, h * dh), gen, dtype=dtype)
+    limit = _limits(gen, q_, n)
+    for chunk_rows in (None, 97):
+        got = metaclm_ext.history_topk(queries, history, k, limit=limit, chunk_rows=chunk_rows)
+        want = ref.history_topk_reference(queries, history, k, limit=limit)
+        assert_selection_equal(got.top, want.top)
+        assert_selection_equal(got.last, want.last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_topk_random_floats_match_reference(shape, dtype, gen):
+    q_, h, dh, n, k = shape
+    queries = torch.randn(q_, h, dh, generator=gen)
+    history = torch.randn(n, h * dh, generator=gen).to(dtype)
+    limit = _limits(gen, q_, n)
+    got = metaclm_ext.history_topk(queries, history, k, limit=limit)
+    want = ref.history_topk_reference(queries, history, k, limit=limit)
+    scores = ref.history_scores(queries, history, dtype=torch.float64)
+    valid = torch.arange(n) < limit[:, None]
+    assert_selection_close(got.top, want.top, scores, valid, True, RTOL[torch.float32])
+    assert_selection_close(got.last, want.last, scores, valid, False, RTOL[torch.float32])
+
+
+def test_topk_query_dtype_mixes(gen):
+    """fp16/bf16 queries are read as fp32; a fp32 query against a fp16 history is the common case."""
+    history = small_ints((400, 16), gen, dtype=torch.float16)
+    for qdtype in DTYPES:
+        queries = small_ints((3, 2, 8), gen, dtype=qdtype)
+        got = metaclm_ext.history_topk(queries, history, 5)
+        want = ref.history_topk_reference(queries.float(), history, 5)
+        assert_selection_equal(got.top, want.top)
+
+
+def test_topk_ties_go_to_lower_rows():
+    history = torch.ones(50, 4)
+    got = metaclm_ext.history_topk(torch.ones(1, 4), history, 5, chunk_rows=7)
+    assert got.top.indices.tolist() == [[[0, 1, 2, 3, 4]]]
+    assert got.last.indices.tolist() == [[[0, 1, 2, 3, 4]]]
+    assert got.top.values.tolist() == [[[4.0] * 5]]
+
+
+def test_topk_padding_when_fewer_candidates_than_k(gen):
+    history = torch.randn(20, 8, generator=gen)
+    got = metaclm_ext.history_topk(torch.randn(3, 8, generator=gen), history, 6, limit=torch.tensor([0, 2, 20]))
+    assert (got.top.indices[0] == -1).all() and torch.isneginf(got.top.values[0]).all()
+    assert (got.last.indices[0] == -1).all() and torch.isposinf(got.last.values[0]).all()
+    assert set(got.top.indices[1, 0, :2].tolist()) == {0, 1} and (got.top.indices[1, 0, 2:] == -1).all()
+    assert torch.isposinf(got.last.values[1, 0, 2:]).all()
+    assert (got.top.indices[2] >= 0).all()
+
+
+def test_topk_int_limit_and_2d_queries(gen):
+    history = small_ints((300, 24), gen)
+    queries = small_ints((4, 24), gen)
+    got = metaclm_ext.history_topk(queries, history, 3, limit=100)
+    want = ref.history_topk_reference(queries, history, 3, limit=100)
+    assert got.top.indices.shape == (4, 1, 3)
+    assert_selection_equal(got.top, want.top)
+    got3 = metaclm_ext.history_topk(queries, history, 3, heads=3)
+    want3 = ref.history_topk_reference(queries.reshape(4, 3, 8), history, 3)
+    assert_selection_equal(got3.last, want3.last)
+
+
+@given(
+    q=st.integers(1, 4), h=st.integers(1, 4), dh=st.integers(1, 20), n=st.integers(1, 700),
+    k_frac=st.floats(0.0, 1.0), chunk=st.integers(1, 800), seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_topk_property_chunking_and_reference(q, h, dh, n, k_frac, chunk, seed, dtype):
+    """Any shape, k, limit and chunking gives exactly the reference's answer (integer data)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = max(1, min(n, int(round(k_frac * min(n, 40)))))
+    queries = small_ints((q, h, dh), gen, dtype=dtype)
+    history = small_ints((n, h * dh), gen, dtype=dtype)
+    limit = torch.randint(0, n + 1, (q,), generator=gen)
+    got = metaclm_ext.history_topk(queries, history, k, limit=limit, chunk_rows=chunk)
+    want = ref.history_topk_reference(queries, history, k, limit=limit)
+    assert_selection_equal(got.top, want.top)
+    assert_selection_equal(got.last, want.last)
+
+
+@given(n=st.integers(1, 600), k=st.integers(1, 30), seed=st.integers(0, 2**31 - 1))
+def test_topk_property_top_is_last_of_negated_queries(n, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, n)
+    queries = small_ints((2, 2, 4), gen)
+    history = small_ints((n, 8), gen)
+    a = metaclm_ext.history_topk(queries, history, k)
+    b = metaclm_ext.history_topk(-queries, history, k)
+    assert torch.equal(a.top.indices, b.last.indices)
+    assert torch.equal(a.top.values, -b.last.values)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_label_mass_matches_reference(shape, dtype, gen):
+    q_, h, dh, n, _ = shape
+    num_labels = int(torch.randint(1, 12, (1,), generator=gen))
+    queries = torch.randn(q_, h, dh, generator=gen)
+    history = torch.randn(n, h * dh, generator=gen).to(dtype)
+    labels = torch.randint(0, num_labels, (n,), generator=gen)
+    limit = _limits(gen, q_, n)
+    for chunk_rows in (None, 61):
+        got = metaclm_ext.history_label_mass(queries, history, labels, num_labels, limit=limit, chunk_rows=chunk_rows)
+        want = ref.history_label_mass_reference(queries, history, labels, num_labels, limit=limit)
+        assert got.dtype == torch.float32 and got.shape == (q_, h, num_labels)
+        scale = ref.history_scores(queries, history, dtype=torch.float64).abs().sum(-1, keepdim=True)
+        assert bool(((got.double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+
+
+@given(n=st.integers(1, 400), labels=st.integers(1, 9), chunk=st.integers(1, 500), seed=st.integers(0, 2**31 - 1))
+def test_label_mass_property_sums_to_total_score(n, labels, chunk, seed):
+    """Label masses of integer data are exact and add up to the total score over the history."""
+    gen = torch.Generator().manual_seed(seed)
+    queries = small_ints((3, 2, 4), gen)
+    history = small_ints((n, 8), gen)
+    lab = torch.randint(0, labels, (n,), generator=gen)
+    limit = torch.randint(0, n + 1, (3,), generator=gen)
+    got = metaclm_ext.history_label_mass(queries, history, lab, labels, limit=limit, chunk_rows=chunk)
+    want = ref.history_label_mass_reference(queries, history, lab, labels, limit=limit)
+    assert torch.equal(got.double(), want)
+    total = ref.history_scores(queries, history, dtype=torch.float64) * (torch.arange(n) < limit[:, None])[:, None]
+    assert torch.equal(got.double().sum(-1), total.sum(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", [(1, 1, 1, 1), (5, 64, 64, 1000), (3, 128, 64, 2500), (8, 7, 13, 300), (200, 16, 4, 90)])
+def test_dual_form_matches_reference(dims, dtype, gen):
+    q_, d_in, d_out, n = dims
+    queries = torch.randn(q_, d_in, generator=gen)
+    inputs = torch.randn(n, d_in, generator=gen).to(dtype)
+    errors = torch.randn(n, d_out, generator=gen).to(dtype)
+    limit = _limits(gen, q_, n)
+    for chunk_rows in (None, 37):
+        got = metaclm_ext.dual_form_apply(queries, inputs, errors, limit=limit, chunk_rows=chunk_rows)
+        want = ref.dual_form_apply_reference(queries, inputs, errors, limit=limit)
+        assert got.dtype == torch.float32 and got.shape == (q_, d_out)
+        # Scale: sum of |terms|, the size of the numbers being added up.
+        scale = (inputs.double() @ queries.double().T).abs().T @ errors.double().abs()
+        assert bool(((got.double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+
+
+def test_dual_form_equals_linear_layer_trained_by_sgd(gen):
+    """The point of the op: W x after plain SGD equals W0 x + dual_form_apply(x, inputs, errors)."""
+    layer = torch.nn.Linear(12, 5, bias=False).double()
+    w0 = layer.weight.detach().clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    xs, es = [], []
+    for _ in range(30):
+        x = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+        y = layer(x)
+        y.retain_grad()
+        loss = (y - torch.randn(4, 5, generator=gen, dtype=torch.float64)).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        xs.append(x)
+        es.append(-0.1 * y.grad)
+        opt.step()
+    queries = torch.randn(6, 12, generator=gen, dtype=torch.float64)
+    dual = metaclm_ext.dual_form_apply(queries.float(), torch.cat(xs).float(), torch.cat(es).float())
+    want = queries @ w0.T + 0.0
+    actual = layer(queries).detach()
+    assert torch.allclose((want + dual.double()), actual, rtol=1e-4, atol=1e-5)
