@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMPS := .make
 SOURCES := setup.py pyproject.toml $(shell find csrc metaclm_ext -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: demo test install env bench clean
+.PHONY: demo test install env bench bench-cuda clean
 
 demo: install
 	$(BIN)/metaclm demo
@@ -17,6 +17,10 @@ test: install
 
 bench: install
 	$(BIN)/pytest benchmarks -q -p no:cacheprovider
+
+# GPU benchmark (a CUDA build of torch and a GPU): writes benchmarks/results/bench_cuda-*.json.
+bench-cuda: install
+	$(BIN)/python benchmarks/bench_cuda.py
 
 env: $(STAMPS)/env
 install: $(STAMPS)/install

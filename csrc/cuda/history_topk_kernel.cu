@@ -408,8 +408,8 @@ cudaError_t topk_plan(int64_t num_queries, int64_t heads, int64_t head_dim, int6
   const int r = tile_rows_for(head_dim);
   // Largest k with one query per block (the select kernel needs the most shared memory).
   const size_t fixed = select_smem_bytes(1, r, static_cast<int>(head_dim), 0);
-  const size_t per_k = select_smem_bytes(1, r, static_cast<int>(head_dim), 1024) - fixed;
-  *max_k = static_cast<size_t>(optin) > fixed ? static_cast<int64_t>((optin - fixed) / per_k * 1024) : 0;
+  const size_t per_1024 = select_smem_bytes(1, r, static_cast<int>(head_dim), 1024) - fixed;
+  *max_k = static_cast<size_t>(optin) > fixed ? static_cast<int64_t>((optin - fixed) * 1024 / per_1024) : 0;
   while (*max_k > 0 && select_smem_bytes(1, r, static_cast<int>(head_dim), static_cast<int>(*max_k)) > static_cast<size_t>(optin)) --*max_k;
   if (k > *max_k || rows > INT32_MAX || merge_smem_bytes(static_cast<int>(k)) > static_cast<size_t>(optin)) {
     return cudaErrorInvalidValue;
