@@ -224,6 +224,7 @@ def _staged_chunks(source: RowSource, chunk_rows: int, stop: int, device: torch.
         stopping.set()
         free.put((0, None))  # wakes a reader blocked on a free buffer
         thread.join()
+        compute.wait_stream(copy_stream)  # a prefetched copy must land before its buffer is reused
 
 
 def _chunks(source: History, chunk_rows: int, stop: int, device: Optional[torch.device] = None):
