@@ -44,8 +44,8 @@ def emu(tmp_path_factory):
             text = f.read()
         (build / os.path.basename(path)).write_text(_rewrite(text) if path.endswith(".cu") else text)
     lib_path = build / "libemu.so"
-    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror", "-Wno-attributes",
-           "-Wno-unknown-pragmas", f"-I{build}", f"-I{os.path.join(REPO, 'tests', 'cuda_emu')}", f"-I{CUDA_INCLUDE}",
+    cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-attributes",
+           f"-I{build}", f"-I{os.path.join(REPO, 'tests', 'cuda_emu')}", f"-I{CUDA_INCLUDE}",
            os.path.join(REPO, "tests", "cuda_emu", "harness.cpp"), "-o", str(lib_path)]
     # METACLM_EMU_SANITIZE=address builds the emulator with ASan (run python with LD_PRELOAD=libasan.so).
     if os.environ.get("METACLM_EMU_SANITIZE"):

@@ -77,8 +77,10 @@ def test_public_op_under_torch_compile(gen):
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
 def test_cuda_device_code_compiles(source, tmp_path):
     """CI has no GPU: compiling the torch-free device code with nvcc is how CUDA errors get caught."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # the flags a real CUDAExtension build adds
+
     # -Werror all-warnings: e.g. a __host__ call from __device__ code is only a warning, and a real bug.
-    cmd = ["nvcc", "-c", "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-Werror", "all-warnings",
+    cmd = ["nvcc", "-c", "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-Werror", "all-warnings", *COMMON_NVCC_FLAGS,
            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
            "-I", os.path.join(REPO, "csrc"), source, "-o", str(tmp_path / "out.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
