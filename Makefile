@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMPS := .make
 SOURCES := setup.py pyproject.toml $(shell find csrc metaclm_ext -type f \( -name '*.py' -o -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
 
-.PHONY: demo test install env bench clean
+.PHONY: demo test install env bench bench-cuda clean
 
 demo: install
 	$(BIN)/metaclm demo
@@ -19,6 +19,10 @@ test: install
 # The benchmarks timed for real (METACLM_BENCH_ROWS sets the size); scripts/bench_table.py for the table.
 bench: install
 	$(BIN)/pytest -q -p no:cacheprovider benchmarks
+
+# GPU benchmark (a CUDA build of torch and a GPU): writes benchmarks/results/bench_cuda-*.json.
+bench-cuda: install
+	$(BIN)/python scripts/bench_cuda.py
 
 env: $(STAMPS)/env
 install: $(STAMPS)/install

@@ -8,11 +8,14 @@ example a field of a :class:`metaclm_ext.store.HistoryStore`), so memory is boun
 """
 from __future__ import annotations
 
+import queue
+import threading
+from collections import deque
 from typing import Iterator, NamedTuple, Optional, Protocol, Union
 
 import torch
 
-__all__ = ["HistoryTopK", "Selection", "dual_form_apply", "history_label_mass", "history_topk"]
+__all__ = ["HistoryTopK", "Selection", "TensorRows", "dual_form_apply", "history_label_mass", "history_topk"]
 
 HISTORY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PAD_INDEX = torch.iinfo(torch.int64).max  # heap padding inside the merge state
@@ -32,6 +35,21 @@ class RowSource(Protocol):
 
 
 History = Union[torch.Tensor, RowSource]
+
+
+class TensorRows:
+    """A CPU tensor (or np.memmap via torch.from_numpy) as a row source, so that CUDA queries can stream
+    it through pinned buffers. A plain CPU tensor beside CUDA queries is refused on purpose: copying the
+    whole history over PCIe on every call should be asked for, not happen by accident."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+            raise TypeError(f"TensorRows wraps a CPU tensor, got {type(tensor).__name__} on {getattr(tensor, 'device', '?')}")
+        self.tensor = tensor
+        self.shape, self.dtype, self.device = tuple(tensor.shape), tensor.dtype, tensor.device
+
+    def iter_chunks(self, chunk_rows: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+        return _tensor_chunks(self.tensor, chunk_rows, stop)
 
 
 class Selection(NamedTuple):
@@ -80,8 +98,11 @@ def _as_heads(queries: torch.Tensor, width: int, heads: Optional[int], sources: 
         raise TypeError(f"queries must be a tensor, got {type(queries).__name__}")
     _check_float("queries", queries.dtype)
     for name, source in sources.items():
-        if torch.device(source.device) != queries.device:
-            raise ValueError(f"queries are on {queries.device} but {name} is on {source.device}: move them to one device")
+        # A CPU row source beside CUDA queries is streamed through pinned buffers (_staged_chunks).
+        staged = queries.is_cuda and not isinstance(source, torch.Tensor) and torch.device(source.device).type == "cpu"
+        if torch.device(source.device) != queries.device and not staged:
+            raise ValueError(f"queries are on {queries.device} but {name} is on {source.device}: move them to one device"
+                             " (or wrap a CPU history in metaclm_ext.ops.TensorRows to stream it to the GPU)")
     if queries.dim() == 2:
         h = 1 if heads is None else int(heads)
         if h <= 0:
@@ -132,18 +153,95 @@ def _chunk_rows(chunk_rows: Optional[int], width: int, itemsize: int) -> int:
     return int(chunk_rows)
 
 
-def _chunks(source: History, chunk_rows: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Consecutive (row_offset, rows) blocks of rows [0, stop)."""
-    if isinstance(source, torch.Tensor):
-        for start in range(0, stop, chunk_rows):
-            yield start, source[start : min(stop, start + chunk_rows)]
+def _tensor_chunks(tensor: torch.Tensor, chunk_rows: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, stop, chunk_rows):
+        yield start, tensor[start : min(stop, start + chunk_rows)]
+
+
+def _staged_chunks(source: RowSource, chunk_rows: int, stop: int, device: torch.device, depth: int = 2):
+    """CPU row-source chunks delivered on a CUDA device with reads, copies and kernels overlapped.
+
+    A reader thread fills `depth` pinned host buffers from the source; each filled buffer is copied to
+    one of `depth` device buffers on a side stream, one chunk ahead of the chunk being computed, and
+    the compute stream waits on that copy only. Device memory is `depth` chunks whatever the history.
+    """
+    copy_stream, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    shape = (chunk_rows, *source.shape[1:])
+    pinned = [torch.empty(shape, dtype=source.dtype, pin_memory=True) for _ in range(depth)]
+    on_device = [torch.empty(shape, dtype=source.dtype, device=device) for _ in range(depth)]
+    consumed = [None] * depth  # compute-stream event: the kernels reading on_device[slot] are done
+    free, filled = queue.Queue(), queue.Queue()
+    for slot in range(depth):
+        free.put((slot, None))
+    stopping = threading.Event()
+
+    def reader():
+        try:
+            for offset, rows in source.iter_chunks(chunk_rows, stop):
+                slot, copied = free.get()
+                if stopping.is_set():
+                    return
+                if copied is not None:
+                    copied.synchronize()  # the previous copy out of this pinned buffer has finished
+                pinned[slot][: rows.shape[0]].copy_(rows)
+                filled.put((slot, offset, rows.shape[0]))
+            filled.put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            filled.put(exc)
+
+    thread = threading.Thread(target=reader, name="metaclm-stage", daemon=True)
+    thread.start()
+    pending = deque()
+
+    def start_copy() -> bool:
+        item = filled.get()
+        if item is None:
+            return False
+        if isinstance(item, BaseException):
+            raise item
+        slot, offset, n = item
+        with torch.cuda.stream(copy_stream):
+            if consumed[slot] is not None:
+                copy_stream.wait_event(consumed[slot])
+            on_device[slot][:n].copy_(pinned[slot][:n], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(copy_stream)
+        free.put((slot, copied))
+        pending.append((slot, offset, n, copied))
+        return True
+
+    try:
+        more = start_copy()
+        while pending:
+            if more:
+                more = start_copy()  # chunk i + 1 crosses the bus while chunk i is computed
+            slot, offset, n, copied = pending.popleft()
+            compute.wait_event(copied)
+            yield offset, on_device[slot][:n]
+            consumed[slot] = torch.cuda.Event()
+            consumed[slot].record(compute)
+    finally:  # also on an early exit (a kernel raised; CPython closes the abandoned generator at once)
+        stopping.set()
+        free.put((0, None))  # wakes a reader blocked on a free buffer
+        thread.join()
+        compute.wait_stream(copy_stream)  # a prefetched copy must land before its buffer is reused
+
+
+def _chunks(source: History, chunk_rows: int, stop: int, device: Optional[torch.device] = None):
+    """Consecutive (row_offset, rows) blocks of rows [0, stop), on `device` when that is a CUDA device
+    and the source is a CPU row source."""
+    staged = device is not None and device.type == "cuda" and torch.device(source.device).type == "cpu"
+    if staged and not isinstance(source, torch.Tensor):
+        yield from _staged_chunks(source, chunk_rows, stop, device)
+    elif isinstance(source, torch.Tensor):
+        yield from _tensor_chunks(source, chunk_rows, stop)
     else:
         yield from source.iter_chunks(chunk_rows, stop)
 
 
-def _zip_chunks(sources: list, chunk_rows: int, stop: int) -> Iterator[tuple[int, list]]:
+def _zip_chunks(sources: list, chunk_rows: int, stop: int, device: torch.device) -> Iterator[tuple[int, list]]:
     """Row-aligned chunks of several sources (inputs with errors, history with labels)."""
-    for parts in zip(*(_chunks(s, chunk_rows, stop) for s in sources)):
+    for parts in zip(*(_chunks(s, chunk_rows, stop, device) for s in sources)):
         offsets = {p[0] for p in parts}
         lengths = {p[1].shape[0] for p in parts}
         if len(offsets) != 1 or len(lengths) != 1:
@@ -195,7 +293,7 @@ def history_topk(
     top_idx = torch.full(state_shape, PAD_INDEX, dtype=torch.int64, device=q.device)
     last_keys, last_idx = top_keys.clone(), top_idx.clone()
     stop = int(lim.max())
-    for offset, rows in _chunks(history, _chunk_rows(chunk_rows, width, history.dtype.itemsize), stop):
+    for offset, rows in _chunks(history, _chunk_rows(chunk_rows, width, history.dtype.itemsize), stop, q.device):
         top_keys, top_idx, last_keys, last_idx = _ops.history_topk_merge(
             q, rows, offset, lim, top_keys, top_idx, last_keys, last_idx
         )
@@ -233,7 +331,7 @@ def history_label_mass(
     sums = torch.zeros(num_labels, width, dtype=torch.float64, device=q.device)
     mass = torch.zeros(q.shape[0], q.shape[1], num_labels, dtype=torch.float64, device=q.device)
     rows_per_chunk = _chunk_rows(chunk_rows, width, history.dtype.itemsize)
-    for offset, (rows, lab) in _zip_chunks([history, labels], rows_per_chunk, int(lim.max())):
+    for offset, (rows, lab) in _zip_chunks([history, labels], rows_per_chunk, int(lim.max()), q.device):
         sums, mass = _ops.history_label_mass_merge(q, rows, lab.to(torch.int64), offset, lim, sums, mass)
     return mass.to(torch.float32)
 
@@ -268,7 +366,7 @@ def dual_form_apply(
     out = torch.zeros(q.shape[0], d_out, dtype=torch.float64, device=q.device)
     itemsize = max(inputs.dtype.itemsize, errors.dtype.itemsize)
     rows_per_chunk = _chunk_rows(chunk_rows, d_in + d_out, itemsize)
-    for offset, (x, e) in _zip_chunks([inputs, errors], rows_per_chunk, int(lim.max())):
+    for offset, (x, e) in _zip_chunks([inputs, errors], rows_per_chunk, int(lim.max()), q.device):
         delta, out = _ops.dual_form_apply_merge(q, x, e, offset, lim, delta, out)
     return out.to(torch.float32)
 

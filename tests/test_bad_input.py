@@ -111,3 +111,12 @@ def test_raw_op_rejects_bad_state_without_crashing():
         torch.ops.metaclm_ext.history_topk_merge(Q, H, 0, lim, keys, idx.int(), keys, idx)
     with pytest.raises(ValueError, match="limit must be int64"):
         torch.ops.metaclm_ext.history_topk_merge(Q, H, 0, lim.int(), keys, idx, keys, idx)
+
+
+def test_tensor_rows_needs_a_cpu_tensor():
+    from metaclm_ext.ops import TensorRows
+
+    with pytest.raises(TypeError, match=r"TensorRows wraps a CPU tensor, got list"):
+        TensorRows([[1.0]])
+    with pytest.raises(TypeError, match=r"TensorRows wraps a CPU tensor, got Tensor on meta"):
+        TensorRows(torch.empty(3, 2, device="meta"))

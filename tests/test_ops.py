@@ -199,3 +199,14 @@ def test_dual_form_equals_linear_layer_trained_by_sgd(gen):
     want = queries @ w0.T + 0.0
     actual = layer(queries).detach()
     assert torch.allclose((want + dual.double()), actual, rtol=1e-4, atol=1e-5)
+
+
+def test_tensor_rows_source_equals_tensor(gen):
+    """TensorRows (the row source that streams a CPU tensor to CUDA queries) reads like the tensor itself."""
+    from metaclm_ext.ops import TensorRows
+
+    history, queries = small_ints((900, 16), gen), small_ints((3, 2, 8), gen)
+    got = metaclm_ext.history_topk(queries, TensorRows(history), 7, chunk_rows=100)
+    want = metaclm_ext.history_topk(queries, history, 7)
+    assert_selection_equal(got.top, want.top)
+    assert_selection_equal(got.last, want.last)

@@ -3,6 +3,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sysconfig
 
 import pytest
 import torch
@@ -76,9 +77,32 @@ def test_public_op_under_torch_compile(gen):
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
 def test_cuda_device_code_compiles(source, tmp_path):
     """CI has no GPU: compiling the torch-free device code with nvcc is how CUDA errors get caught."""
-    cmd = ["nvcc", "-c", "-std=c++17", "-O1", "--expt-relaxed-constexpr",
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # the flags a real CUDAExtension build adds
+
+    # -Werror all-warnings: e.g. a __host__ call from __device__ code is only a warning, and a real bug.
+    cmd = ["nvcc", "-c", "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-Werror", "all-warnings", *COMMON_NVCC_FLAGS,
            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
            "-I", os.path.join(REPO, "csrc"), source, "-o", str(tmp_path / "out.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime_api.h")) or shutil.which("c++") is None,
+                    reason="no CUDA toolkit headers or no C++ compiler")
+def test_cuda_glue_syntax(tmp_path):
+    """The ATen glue of the CUDA ops (csrc/cuda/*.cpp) only builds with a CUDA torch; a CPU wheel still
+    ships the c10/cuda headers, so a syntax check (one translation unit for speed) catches its errors."""
+    from torch.utils.cpp_extension import include_paths
+
+    unity = tmp_path / "cuda_glue.cpp"
+    unity.write_text("".join(f'#include "{p}"\n' for p in sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cpp")))))
+    # The CPU wheel lacks c10's generated cuda_cmake_macros.h (only export macros); this define skips it.
+    cmd = ["c++", "-fsyntax-only", "-std=c++17", "-Werror", "-Wall", "-Wno-c++20-extensions",
+           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *(f"-I{p}" for p in include_paths()), f"-I{CUDA_INCLUDE}",
+           f"-I{sysconfig.get_paths()['include']}", str(unity)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

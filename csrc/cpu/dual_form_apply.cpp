@@ -26,6 +26,15 @@ std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_cpu(const at::Tensor& q
                                                              const at::Tensor& errors, int64_t row_offset,
                                                              const at::Tensor& limit, const at::Tensor& weight_delta,
                                                              const at::Tensor& out) {
+  return dual_form_apply_merge_any(queries, inputs, errors, row_offset, limit, weight_delta, out, &check_finite_rows);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_any(const at::Tensor& queries, const at::Tensor& inputs,
+                                                             const at::Tensor& errors, int64_t row_offset,
+                                                             const at::Tensor& limit, const at::Tensor& weight_delta,
+                                                             const at::Tensor& out, FiniteRowCheck check_finite) {
   TORCH_CHECK_VALUE(queries.dim() == 2 && queries.scalar_type() == at::kFloat, "queries must be float32 [Q, D_in]");
   check_history(inputs, "inputs");
   check_history(errors, "errors");
@@ -40,12 +49,12 @@ std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_cpu(const at::Tensor& q
                     "weight_delta must be float64 [D_out, D_in]");
   TORCH_CHECK_VALUE(out.scalar_type() == at::kDouble && out.dim() == 2 && out.size(0) == nq && out.size(1) == d_out,
                     "out must be float64 [Q, D_out]");
-  check_finite_rows(inputs, row_offset, "inputs");
-  check_finite_rows(errors, row_offset, "errors");
+  check_finite(inputs, row_offset, "inputs");
+  check_finite(errors, row_offset, "errors");
 
   auto delta = weight_delta.contiguous().clone();
   auto result = out.contiguous().clone();
-  auto lim = limit.contiguous();
+  auto lim = limit.to(at::kCPU).contiguous();  // breakpoints are planned on the host
   const int64_t* limp = lim.data_ptr<int64_t>();
   const Breakpoints bp = breakpoints_in_chunk(lim, row_offset, n);
   auto q64 = queries.to(at::kDouble);
@@ -62,8 +71,6 @@ std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_cpu(const at::Tensor& q
   accumulate(inputs, errors, done, n, delta);
   return {delta, result};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(metaclm_ext, CPU, m) { m.impl("dual_form_apply_merge", &dual_form_apply_merge_cpu); }
 

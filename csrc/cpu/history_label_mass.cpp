@@ -33,27 +33,14 @@ void accumulate_rows(const T* rows, const int64_t* labels, int64_t begin, int64_
 std::tuple<at::Tensor, at::Tensor> history_label_mass_merge_cpu(
     const at::Tensor& queries, const at::Tensor& history, const at::Tensor& labels, int64_t row_offset,
     const at::Tensor& limit, const at::Tensor& label_sums, const at::Tensor& mass) {
-  TORCH_CHECK_VALUE(queries.dim() == 3 && queries.scalar_type() == at::kFloat,
-                    "queries must be float32 [Q, H, Dh]");
-  check_history(history, "history");
-  const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
+  const int64_t num_labels = check_label_mass_merge_args(queries, history, labels, limit, label_sums, mass);
+  const int64_t nh = queries.size(1), dh = queries.size(2);
   const int64_t n = history.size(0), d = history.size(1);
-  TORCH_CHECK_VALUE(d == nh * dh, "history width ", d, " != heads * head_dim = ", nh, " * ", dh);
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == n && labels.scalar_type() == at::kLong,
-                    "labels must be int64 [", n, "], got ", labels.scalar_type(), " ", labels.sizes());
-  check_limit(limit, nq);
-  TORCH_CHECK_VALUE(label_sums.dim() == 2 && label_sums.size(1) == d && label_sums.scalar_type() == at::kDouble,
-                    "label_sums must be float64 [L, D]");
-  const int64_t num_labels = label_sums.size(0);
-  TORCH_CHECK_VALUE(mass.dim() == 3 && mass.size(0) == nq && mass.size(1) == nh && mass.size(2) == num_labels &&
-                        mass.scalar_type() == at::kDouble,
-                    "mass must be float64 [Q, H, L]");
   check_finite_rows(history, row_offset, "history");
   auto lab = labels.contiguous();
   const int64_t* lp = lab.data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK_VALUE(lp[r] >= 0 && lp[r] < num_labels, "labels row ", r + row_offset, " is ", lp[r],
-                      ", outside [0, num_labels = ", num_labels, ")");
+    if (lp[r] < 0 || lp[r] >= num_labels) raise_bad_label(r + row_offset, lp[r], num_labels);
   }
 
   auto q = queries.contiguous();

@@ -280,22 +280,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
     const at::Tensor& queries, const at::Tensor& history, int64_t row_offset, const at::Tensor& limit,
     const at::Tensor& top_keys, const at::Tensor& top_indices, const at::Tensor& last_keys,
     const at::Tensor& last_indices) {
-  TORCH_CHECK_VALUE(queries.dim() == 3 && queries.scalar_type() == at::kFloat,
-                    "queries must be float32 [Q, H, Dh], got ", queries.scalar_type(), " ", queries.sizes());
-  check_history(history, "history");
+  const int64_t k = check_topk_merge_args(queries, history, limit, top_keys, top_indices, last_keys, last_indices);
   const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
   const int64_t n = history.size(0), d = history.size(1);
-  TORCH_CHECK_VALUE(d == nh * dh, "history width ", d, " != heads * head_dim = ", nh, " * ", dh);
-  check_limit(limit, nq);
-  TORCH_CHECK_VALUE(top_keys.dim() == 3 && top_keys.size(0) == nq && top_keys.size(1) == nh,
-                    "top_keys must be [Q, H, k]");
-  const int64_t k = top_keys.size(2);
-  for (const auto& t : {top_keys, last_keys}) {
-    TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.sizes() == top_keys.sizes(), "bad heap keys");
-  }
-  for (const auto& t : {top_indices, last_indices}) {
-    TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.sizes() == top_keys.sizes(), "bad heap indices");
-  }
 
   auto q = queries.contiguous();
   auto hist = history.contiguous();

@@ -1,5 +1,7 @@
-// Shared helpers of the CPU kernels: argument checks, reading history rows of any float dtype as
-// fp32, and the limit breakpoints that let queries of several checkpoints share one pass.
+// Shared helpers of the CPU kernels (and of the CUDA glue in csrc/cuda/, which reuses the argument
+// checks, the breakpoints and the device-agnostic dual-form merge): argument checks, reading history
+// rows of any float dtype as fp32, and the limit breakpoints that let queries of several checkpoints
+// share one pass.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 namespace metaclm {
@@ -28,6 +31,55 @@ inline void check_limit(const at::Tensor& limit, int64_t num_queries) {
       "limit must be int64 [", num_queries, "], got ", limit.scalar_type(), " ", limit.sizes());
 }
 
+// Checks the arguments of history_topk_merge; returns k.
+inline int64_t check_topk_merge_args(const at::Tensor& queries, const at::Tensor& history, const at::Tensor& limit,
+                                     const at::Tensor& top_keys, const at::Tensor& top_indices,
+                                     const at::Tensor& last_keys, const at::Tensor& last_indices) {
+  TORCH_CHECK_VALUE(queries.dim() == 3 && queries.scalar_type() == at::kFloat,
+                    "queries must be float32 [Q, H, Dh], got ", queries.scalar_type(), " ", queries.sizes());
+  check_history(history, "history");
+  const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
+  const int64_t d = history.size(1);
+  TORCH_CHECK_VALUE(d == nh * dh, "history width ", d, " != heads * head_dim = ", nh, " * ", dh);
+  check_limit(limit, nq);
+  TORCH_CHECK_VALUE(top_keys.dim() == 3 && top_keys.size(0) == nq && top_keys.size(1) == nh,
+                    "top_keys must be [Q, H, k]");
+  for (const auto& t : {top_keys, last_keys}) {
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.sizes() == top_keys.sizes(), "bad heap keys");
+  }
+  for (const auto& t : {top_indices, last_indices}) {
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.sizes() == top_keys.sizes(), "bad heap indices");
+  }
+  return top_keys.size(2);
+}
+
+// Checks the arguments of history_label_mass_merge; returns the number of labels.
+inline int64_t check_label_mass_merge_args(const at::Tensor& queries, const at::Tensor& history,
+                                           const at::Tensor& labels, const at::Tensor& limit,
+                                           const at::Tensor& label_sums, const at::Tensor& mass) {
+  TORCH_CHECK_VALUE(queries.dim() == 3 && queries.scalar_type() == at::kFloat,
+                    "queries must be float32 [Q, H, Dh]");
+  check_history(history, "history");
+  const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
+  const int64_t n = history.size(0), d = history.size(1);
+  TORCH_CHECK_VALUE(d == nh * dh, "history width ", d, " != heads * head_dim = ", nh, " * ", dh);
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == n && labels.scalar_type() == at::kLong,
+                    "labels must be int64 [", n, "], got ", labels.scalar_type(), " ", labels.sizes());
+  check_limit(limit, nq);
+  TORCH_CHECK_VALUE(label_sums.dim() == 2 && label_sums.size(1) == d && label_sums.scalar_type() == at::kDouble,
+                    "label_sums must be float64 [L, D]");
+  const int64_t num_labels = label_sums.size(0);
+  TORCH_CHECK_VALUE(mass.dim() == 3 && mass.size(0) == nq && mass.size(1) == nh && mass.size(2) == num_labels &&
+                        mass.scalar_type() == at::kDouble,
+                    "mass must be float64 [Q, H, L]");
+  return num_labels;
+}
+
+// The ValueError for a label outside [0, num_labels) at global row `row`.
+inline void raise_bad_label(int64_t row, int64_t label, int64_t num_labels) {
+  TORCH_CHECK_VALUE(false, "labels row ", row, " is ", label, ", outside [0, num_labels = ", num_labels, ")");
+}
+
 // Calls fn(scalar_t{}) with the history's element type.
 template <typename Fn>
 inline void dispatch_history_dtype(at::ScalarType t, Fn&& fn) {
@@ -41,6 +93,14 @@ inline void dispatch_history_dtype(at::ScalarType t, Fn&& fn) {
 
 // Raises ValueError naming the first history row (global row number) that holds NaN or Inf.
 void check_finite_rows(const at::Tensor& rows, int64_t row_offset, const char* name);
+
+// The dual-form merge on any device (csrc/cpu/dual_form_apply.cpp): ATen GEMMs on the tensors' device,
+// with that device's NaN/Inf row check.
+using FiniteRowCheck = void (*)(const at::Tensor& rows, int64_t row_offset, const char* name);
+std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_any(const at::Tensor& queries, const at::Tensor& inputs,
+                                                             const at::Tensor& errors, int64_t row_offset,
+                                                             const at::Tensor& limit, const at::Tensor& weight_delta,
+                                                             const at::Tensor& out, FiniteRowCheck check_finite);
 
 // Queries sorted by limit, and for each limit inside (row_offset, row_offset + n] the local row at
 // which the running sums must be read out. Used by the label-mass and dual-form merges.
