@@ -229,3 +229,147 @@ def load_index(prefix: str, *, use_gpu: Optional[bool] = None) -> KnnIndex:
         index = faiss.index_cpu_to_all_gpus(index)
         meta["gpu"] = True
     return KnnIndex(index, labels, meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# `metaclm knn RUN`: per-layer kNN over the training tokens of a trained synthetic-language run.
+
+
+@torch.no_grad()
+def layer_representations(model, rows: list, batch_size: int = 64) -> dict:
+    """Representations of every trained token (one with a next token) of ``rows``.
+
+    Returns {"layers": [L+1] fp32 [T, D] (embedding output, then each block's output; the last one is
+    the final-LayerNorm output that the LM head reads, as transformers returns it), "next_token",
+    "seed": int64 [T], "lm_logprobs": fp32 [T, V]}.
+    """
+    from .train import IGNORE, make_batch
+
+    layers, next_token, seeds, logprobs = None, [], [], []
+    model.eval()
+    for i in range(0, len(rows), batch_size):
+        b = make_batch(rows[i : i + batch_size])
+        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+        keep = b.labels != IGNORE
+        if layers is None:
+            layers = [[] for _ in out.hidden_states]
+        for store, h in zip(layers, out.hidden_states):
+            store.append(h[keep].float())
+        next_token.append(b.labels[keep])
+        seeds.append(b.seeds[:, None].expand_as(b.labels)[keep])
+        logprobs.append(torch.log_softmax(out.logits[keep].float(), -1))
+    return {"layers": [torch.cat(x) for x in layers], "next_token": torch.cat(next_token),
+            "seed": torch.cat(seeds), "lm_logprobs": torch.cat(logprobs)}
+
+
+def evaluate_run(run_dir, *, epoch=None, k: int = 16, metric: str = "l2", kind: str = "flat",
+                 temperature: float = 1.0, lambdas=(0.0, 0.25, 0.5, 0.75, 1.0), out_dir=None,
+                 progress: bool = True) -> dict:
+    """Index each layer's training-token representations, query with the validation tokens."""
+    from tqdm.auto import tqdm
+
+    from .train import load_checkpoint, load_run
+
+    run = load_run(run_dir)
+    model = load_checkpoint(run_dir, epoch)
+    epoch = run.epochs[-1] if epoch is None else epoch
+    train = layer_representations(model, run.data["train"])
+    val = layer_representations(model, run.data["validation"])
+    vocab = int(val["lm_logprobs"].shape[1])
+    targets = val["next_token"].numpy()
+    model_loss = float(-val["lm_logprobs"].gather(1, val["next_token"][:, None]).mean())
+    out_dir = os.path.join(str(run_dir), "knn") if out_dir is None else str(out_dir)
+    report = {"run": str(run_dir), "epoch": epoch, "k": k, "metric": metric, "kind": kind,
+              "temperature": temperature, "train_tokens": int(train["next_token"].numel()),
+              "validation_tokens": int(len(targets)), "model_loss": model_loss, "layers": []}
+    labels = {"next_token": train["next_token"].numpy(), "seed": train["seed"].numpy()}
+    for layer, (keys, queries) in enumerate(tqdm(list(zip(train["layers"], val["layers"])),
+                                               desc="kNN per layer", disable=not progress)):
+        index = build_index(keys, labels, metric=metric, kind=kind, info={"layer": layer, "epoch": epoch})
+        save_index(index, os.path.join(out_dir, f"layer{layer}"))
+        scores, ids = search(index, queries, min(k, index.ntotal))
+        probs = knn_distribution(index, ids, neighbour_weights(index, scores, temperature), "next_token", vocab)
+        report["layers"].append({
+            "layer": layer,
+            "knn_accuracy": float((probs.argmax(1) == targets).mean()),
+            "seed_purity": neighbour_purity(index, ids, "seed", val["seed"].numpy()),
+            "next_token_purity": neighbour_purity(index, ids, "next_token", targets),
+            "knn_lm_loss": {str(lam): v for lam, v in knn_lm_losses(val["lm_logprobs"], probs, targets, lambdas).items()},
+        })
+    report["model_accuracy"] = float((val["lm_logprobs"].argmax(1).numpy() == targets).mean())
+    with open(os.path.join(out_dir, "knn.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    _plot(report, os.path.join(out_dir, "knn.png"))
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(format_report(report))
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"# kNN over the training history — {report['run']} (epoch {report['epoch']})",
+        "",
+        f"{report['train_tokens']:,} training tokens indexed per layer ({report['kind']}, {report['metric']}), "
+        f"{report['validation_tokens']:,} validation tokens as queries, k = {report['k']}, temperature "
+        f"{report['temperature']}. Model: next-token accuracy {report['model_accuracy']:.3f}, loss "
+        f"{report['model_loss']:.4f} nats.",
+        "",
+        "| layer | kNN next-token acc | seed purity | next-token purity | " +
+        " | ".join(f"kNN-LM loss λ={lam}" for lam in report["layers"][0]["knn_lm_loss"]) + " |",
+        "|" + "---|" * (4 + len(report["layers"][0]["knn_lm_loss"])),
+    ]
+    for r in report["layers"]:
+        losses = " | ".join(f"{v:.4f}" for v in r["knn_lm_loss"].values())
+        lines.append(f"| {r['layer']} | {r['knn_accuracy']:.3f} | {r['seed_purity']:.3f} | "
+                     f"{r['next_token_purity']:.3f} | {losses} |")
+    lines += ["", "Layer 0 is the embedding output; the last layer is the final-LayerNorm output the LM head "
+              "reads. λ = 0 is the model's own loss; λ = 1 is the kNN distribution alone."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r["layer"] for r in report["layers"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(layers, [r["knn_accuracy"] for r in report["layers"]], "o-", label="kNN next-token accuracy")
+    a.plot(layers, [r["seed_purity"] for r in report["layers"]], "s--", label="seed purity of neighbours")
+    a.axhline(report["model_accuracy"], color="gray", ls=":", label="model accuracy")
+    a.set_xlabel("layer")
+    a.set_ylim(0, 1.02)
+    a.legend(fontsize=8)
+    a.set_title("kNN over training-token representations", fontsize=9)
+    for r in report["layers"]:
+        lam = [float(x) for x in r["knn_lm_loss"]]
+        b.plot(lam, list(r["knn_lm_loss"].values()), "o-", label=f"layer {r['layer']}")
+    b.set_xlabel("λ (weight of the kNN distribution)")
+    b.set_ylabel("validation loss (nats)")
+    b.set_title("kNN-LM interpolation", fontsize=9)
+    b.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("knn", help="per-layer FAISS kNN over a run's training tokens: kNN accuracy, seed purity, kNN-LM")
+    p.add_argument("run", help="run folder written by `metaclm train`")
+    p.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: the last)")
+    p.add_argument("--k", type=int, default=16, help="neighbours per query (default 16)")
+    p.add_argument("--metric", choices=METRICS, default="l2", help="l2 (kNN-LM, default) or ip (dual-form factor)")
+    p.add_argument("--kind", choices=KINDS, default="flat", help="flat (exact, default) or ivfpq (large histories)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of neighbour weights")
+    p.add_argument("--lambdas", default="0,0.1,0.25,0.5,0.75,0.9,1", help="kNN-LM interpolation weights")
+    p.add_argument("--out", default=None, help="output folder (default RUN/knn)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    lambdas = [float(x) for x in args.lambdas.split(",")]
+    report = evaluate_run(args.run, epoch=args.epoch, k=args.k, metric=args.metric, kind=args.kind,
+                          temperature=args.temperature, lambdas=lambdas, out_dir=args.out)
+    print(format_report(report))
+    return 0
