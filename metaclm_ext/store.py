@@ -486,6 +486,8 @@ def _chunk_buffer(shape: tuple, dtype: torch.dtype, pin_memory: bool) -> torch.T
     if pin_memory:  # page-locked memory for asynchronous GPU copies (CUDA's host allocator caches it)
         return torch.empty(shape, dtype=dtype, pin_memory=True)
     mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MiB pages: far fewer page faults when the chunk is filled
+        mapping.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(mapping, dtype=dtype).view(shape)
 
 
