@@ -651,6 +651,8 @@ def _as_disk_rows(spec: _Spec, value, row_base: int) -> np.ndarray:
         if spec.dtype == "bfloat16":
             t = t.view(torch.int16)
     else:
+        if t.numel() == 0 and t.dim() == 1:  # an empty list arrives as float64
+            t = t.to(torch.int64)
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{what} must hold integers, got {t.dtype}")
         if t.dim() != 1:

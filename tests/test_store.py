@@ -451,6 +451,32 @@ def test_ops_reject_store_fields_of_the_wrong_kind(exact_store):
         next(store["attn"].iter_chunks(10, 5000))
 
 
+class _ShortSource:
+    """A broken row source that silently stops 10 rows early."""
+
+    def __init__(self, field):
+        self.field, self.shape, self.dtype, self.device = field, field.shape, field.dtype, field.device
+
+    def iter_chunks(self, chunk_rows, stop):
+        return self.field.iter_chunks(chunk_rows, stop - 10)
+
+
+def test_a_short_row_source_is_an_error_not_a_result(exact_store):
+    path, _ = exact_store
+    store = HistoryStore(path)
+    with pytest.raises(RuntimeError, match="row source ended at row 3767, expected 3777"):
+        metaclm_ext.history_topk(torch.randn(1, 16), _ShortSource(store["attn"]), 3)
+    with pytest.raises(RuntimeError, match=r"row sources went out of step: offsets \{0\}, lengths \{3777, 3767\}"):
+        metaclm_ext.dual_form_apply(torch.randn(1, 8), store["x"], _ShortSource(store["e"]), chunk_rows=5000)
+
+
+def test_empty_batches_are_accepted(tmp_path):
+    with HistoryWriter.create(tmp_path / "s", fields={"x": (2, "float32")}, columns={"step": "int64"}) as w:
+        w.append({"x": torch.empty(0, 2), "step": []})
+        w.append({"x": torch.ones(1, 2), "step": [7]})
+    assert HistoryStore(tmp_path / "s").read("step").tolist() == [7]
+
+
 def test_abandoned_and_failing_streams_stop_their_threads(exact_store):
     path, _ = exact_store
     store = HistoryStore(path)
