@@ -466,7 +466,7 @@ def test_a_short_row_source_is_an_error_not_a_result(exact_store):
     store = HistoryStore(path)
     with pytest.raises(RuntimeError, match="row source ended at row 3767, expected 3777"):
         metaclm_ext.history_topk(torch.randn(1, 16), _ShortSource(store["attn"]), 3)
-    with pytest.raises(RuntimeError, match=r"row sources went out of step: offsets \{0\}, lengths \{3777, 3767\}"):
+    with pytest.raises(RuntimeError, match=r"row sources went out of step: offsets \{0\}, lengths"):
         metaclm_ext.dual_form_apply(torch.randn(1, 8), store["x"], _ShortSource(store["e"]), chunk_rows=5000)
 
 
