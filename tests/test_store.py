@@ -226,10 +226,11 @@ def _check_rows(path, at_least):
     return n
 
 
+# Children run in tmp dirs: `python -c` puts the cwd first on sys.path, and the source checkout has no _C.
 def _run_until_killed(path, mode, kill_after_rows):
     """Start the appender and SIGKILL it once it reports `kill_after_rows` more committed rows."""
     child = subprocess.Popen([sys.executable, "-c", _APPENDER, str(path), mode, str(10**9)],
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True, cwd=path.parent)
     start = committed = None
     try:
         for line in child.stdout:
@@ -257,7 +258,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     n2 = _check_rows(path, committed)
     total = n2 + 777
     done = subprocess.run([sys.executable, "-c", _APPENDER, str(path), "resume", str(total)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == f"start {n2}" and done.stdout.splitlines()[-1] == f"done {total}"
     assert _check_rows(path, total) == total
@@ -552,7 +553,7 @@ def test_peak_memory_is_bounded_by_the_chunk_budget(tmp_path):
     field_bytes = n * 32 * 4
     assert field_bytes > 2 * bound  # the store is several times the bound, so the test can fail
     run = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tmp_path / "s"), str(budget)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     peaks = json.loads(run.stdout)
     mib = {k: round(v / 2**20, 1) for k, v in peaks.items()}
