@@ -67,7 +67,8 @@ def proposition1(weight: torch.Tensor, x: torch.Tensor) -> dict:
     a = u.T @ x
     b = torch.linalg.solve(u, x)
     lhs, rhs = float((lam * a * b).sum()), float((a * b).sum())
-    return {"lhs": lhs, "rhs": rhs, "satisfied": lhs >= rhs, "min_eigenvalue": float(lam[0]),
+    # rhs = ||x||^2 >= 0; the 1e-9 relative slack keeps equality (eigenvalues all 1) from failing on rounding.
+    return {"lhs": lhs, "rhs": rhs, "satisfied": lhs >= rhs * (1 - 1e-9), "min_eigenvalue": float(lam[0]),
             "max_eigenvalue": float(lam[-1]), "norm_ratio": float((weight @ x).norm() / x.norm())}
 
 

@@ -140,6 +140,11 @@ def _load_packaged(name: str, pkg: Packaged):
                 AutoTokenizer.from_pretrained(cache))
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Loading dequantises the GGUF into plain fp32 tensors, but transformers still marks the model as
+    # quantised and refuses save_pretrained; drop the mark (the tensors are ordinary fp32 ones).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -22,6 +22,7 @@ def nondecreasing(norms: torch.Tensor) -> dict:
     return {
         "sequence_percent": 100.0 * float(up.all(1).double().mean()),
         "pair_percent": 100.0 * float(up.double().mean()),
+        "pair_percent_by_step": (100.0 * up.double().mean(0)).tolist(),   # step i: state i -> i+1
         "trajectories": n,
         "pairs_per_trajectory": s - 1,
         "null_sequence_percent": 100.0 * 2.0 ** -(s - 1),

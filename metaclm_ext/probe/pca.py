@@ -1,6 +1,8 @@
 """Figures 5 and 8: current-token trajectories across layers, projected to 3-D by PCA."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 
@@ -27,7 +29,7 @@ def plot(points: np.ndarray, title: str, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(7, 6))
+    fig = plt.figure(figsize=(8, 7))
     ax = fig.add_subplot(projection="3d")
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(points), 1)))
     for pts, c in zip(points, colors):
@@ -36,7 +38,7 @@ def plot(points: np.ndarray, title: str, path) -> None:
     ax.set_xlabel("PC1")
     ax.set_ylabel("PC2")
     ax.set_zlabel("PC3")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.fill(line, 90) for line in title.split("\n")), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

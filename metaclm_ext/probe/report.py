@@ -42,8 +42,9 @@ def _figures(result: dict, out: Path) -> dict:
     for r in kept:
         ax.plot(states, r["layer_loss"], color="tab:blue", alpha=min(0.5, 8 / len(kept)), lw=0.6)
     ax.plot(states, result["inner_loss"]["mean"], "o-", color="black", label=f"mean over {len(kept)} samples")
+    ax.set_yscale("log")  # the embeddings' loss can be ~100 nats, the last layer's ~3
     ax.set_xlabel("layer (0 = embeddings)")
-    ax.set_ylabel("inner loss (nats)")
+    ax.set_ylabel("inner loss (nats, log scale)")
     ax.set_title(f"Inner loss across layers (cf. paper Fig. 4/7)\n{model}\n{corpus}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -132,6 +133,9 @@ def markdown(result: dict, files: dict, paper: dict | None) -> str:
         f"null for a sequence: {t1['null_sequence_percent']:.2g}%. With the last layer included: "
         f"{result['norms']['with_last_layer']['sequence_percent']:.1f}% sequences, "
         f"{result['norms']['with_last_layer']['pair_percent']:.1f}% pairs.",
+        "",
+        "Non-decreasing pairs by step (state i -> i+1), %: "
+        + ", ".join(f"{i}: {v:.0f}" for i, v in enumerate(t1["pair_percent_by_step"])) + ".",
         "",
         *_table1(result, paper),
         "",
