@@ -44,6 +44,11 @@ def save(kind: str, path, layers: int = 3) -> str:
     else:
         raise ValueError(kind)
     model = AutoModelForCausalLM.from_config(cfg)
+    # Norm gains 1 and biases 0 would make norm(norm(x)) == norm(x) and hide a double norm: randomise them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

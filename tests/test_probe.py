@@ -171,6 +171,13 @@ def test_bad_inputs_give_clear_errors(tiny, corpus_file, tmp_path, capsys):
         load_model(str(tmp_path / "no-such-model"))
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         load_model("no-such-org/no-such-model-xyz")
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tiny["llama"]).save_pretrained(tmp_path / "no_tokenizer")
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_model(str(tmp_path / "no_tokenizer"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device"):
+            load_model(tiny["llama"], "cuda")
     with pytest.raises(FileNotFoundError, match="--corpus"):
         load_corpus(str(tmp_path / "missing.txt"))
     short = tmp_path / "short.txt"

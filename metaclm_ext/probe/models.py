@@ -161,6 +161,8 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LensModel:
 
     if not isinstance(spec, str) or not spec:
         raise ValueError("--model must be a non-empty string")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch has no CUDA device")
     if spec in PACKAGED:
         model, tokenizer = _load_packaged(spec, PACKAGED[spec])
         description = PACKAGED[spec].description
@@ -170,10 +172,14 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LensModel:
             raise FileNotFoundError(f"--model: no such folder {spec}")
         try:
             model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
         except OSError as exc:
             raise FileNotFoundError(
                 f"--model {spec}: not a local model folder and not in the local Hugging Face cache; nothing is "
                 f"downloaded at run time (short names available: {', '.join(PACKAGED)}). Cause: {exc}") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"--model {spec}: the model loads but no tokenizer is saved beside it "
+                                    f"(save one with tokenizer.save_pretrained). Cause: {exc}") from None
         description = f"{model.config.model_type} model from {spec} ({model.config.num_hidden_layers} layers)"
     return wrap(model.to(device), tokenizer, description)
