@@ -135,7 +135,13 @@ def test_padding_does_not_change_a_samples_numbers(tiny, kind):
 # --- the whole command ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cli_writes_every_output(tiny, corpus_file, tmp_path, kind):
+def test_cli_writes_every_output(tiny, corpus_file, tmp_path, monkeypatch, kind):
+    # A made-up paper-numbers file: the report must print whatever the file says, next to our numbers.
+    fake = {"table1_nondecreasing_norm_percent": {"note": "x", "ModelA": {
+        "wikitext103": {"sequence": 11.5, "pair": 22.5}, "1bw": {"sequence": 33.5, "pair": 44.5}}},
+        "table3_after_filtering_loss_gt_10": {"ModelA": {"wikitext103": 7, "1bw": 8}}}
+    (tmp_path / "paper.json").write_text(json.dumps(fake))
+    monkeypatch.setenv("METACLM_PAPER_NUMBERS", str(tmp_path / "paper.json"))
     out = tmp_path / "out"
     assert main(["probe", "--model", tiny[kind], "--corpus", corpus_file, "--out", str(out),
                  "--max-samples", "5", "--batch-size", "2", "--pca-samples", "3"]) == 0
@@ -155,6 +161,8 @@ def test_cli_writes_every_output(tiny, corpus_file, tmp_path, kind):
     assert all(len(s["layer_loss"]) == n_layers + 1 and s["layer_loss"][-1] <= 10 for s in kept)
     md = (out / "summary.md").read_text()
     assert res["model"]["description"] in md and corpus_file in md
+    assert "| ModelA (paper) | Wikitext-103 | 11.5 | 22.5 |" in md and "| ModelA (paper) | 1BW | 33.5 | 44.5 |" in md
+    assert res["paper"]["table1_nondecreasing_norm_percent"] == fake["table1_nondecreasing_norm_percent"]
 
 
 def test_stand_in_corpora_are_named_as_stand_ins():

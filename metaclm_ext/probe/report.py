@@ -13,13 +13,15 @@ PAPER_COLUMNS = {"wikitext103": "Wikitext-103", "1bw": "1BW"}
 
 
 def paper_numbers_path() -> Path:
-    """$METACLM_PAPER_NUMBERS, else ../shared/paper/paper-numbers.json beside the checkout (or the cwd)."""
+    """$METACLM_PAPER_NUMBERS, else the first shared/paper/paper-numbers.json found walking up from this file
+    or from the working directory (the project keeps it in ../shared beside the checkout)."""
     env = os.environ.get("METACLM_PAPER_NUMBERS")
     if env:
         return Path(env)
     rel = Path("shared") / "paper" / "paper-numbers.json"
-    candidates = [Path(__file__).resolve().parents[3] / rel, Path.cwd().parent / rel, Path.cwd() / rel]
-    return next((p for p in candidates if p.exists()), candidates[0])
+    here, cwd = Path(__file__).resolve(), Path.cwd().resolve()
+    candidates = [d / rel for d in [*here.parents, cwd, *cwd.parents]]
+    return next((p for p in candidates if p.exists()), here.parents[3] / rel)
 
 
 def paper_numbers() -> dict | None:
