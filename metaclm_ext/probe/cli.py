@@ -1,0 +1,42 @@
+"""`metaclm probe`: Sections 6, 8.1 and Appendix B on a pretrained causal LM, offline."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="inner loss, norms, PCA trajectories and Appendix B on a pretrained causal LM")
+    p.add_argument("--model", required=True,
+                   help="smollm2, gemma3-270m (packaged GGUFs), gpt2 or any local folder / locally cached hub name")
+    p.add_argument("--corpus", required=True,
+                   help="wikipedia or news (gensim stand-ins for Wikitext-103 / 1BW), or a text file / folder "
+                        "(one sample per line)")
+    p.add_argument("--out", required=True, help="output folder (results.json, PNGs, summary.md)")
+    p.add_argument("--max-samples", type=int, default=None, help="random subset of at most N samples (default: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128, help="truncate samples to this many tokens (default 128)")
+    p.add_argument("--pca-samples", type=int, default=50, help="trajectories drawn in the PCA plot (paper: 50 for GPT-2)")
+    p.add_argument("--linear-samples", type=int, default=50, help="samples for Appendix B (GPT-2 design only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .report import write_outputs
+    from .run import ProbeConfig, run_probe
+
+    cfg = ProbeConfig(args.model, args.corpus, args.max_samples, args.batch_size, args.max_tokens,
+                      args.pca_samples, args.linear_samples, args.seed, args.device)
+    result = run_probe(cfg)
+    files = write_outputs(result, args.out)
+    il, t1, n = result["inner_loss"], result["norms"]["table1"], result["counts"]
+    print(f"model: {result['model']['description']}\ncorpus: {result['corpus']['description']}")
+    print(f"kept {n['kept_after_loss_filter']}/{n['sampled']} samples; inner loss embeddings {il['first']:.3f} -> "
+          f"last layer {il['last']:.3f} nats; non-decreasing norms (last layer excluded): "
+          f"{t1['sequence_percent']:.1f}% sequences, {t1['pair_percent']:.1f}% pairs")
+    if result["linear"]["applicable"]:
+        print(f"Appendix B: Proposition 1 holds for {result['linear']['satisfied_percent']:.1f}% of "
+              f"{result['linear']['pairs']} (sample, layer) pairs")
+    print(f"wrote {', '.join(sorted(files.values()))} to {args.out} in {result['seconds']:.1f} s")
+    return 0

@@ -1,0 +1,82 @@
+"""Appendix B: the linearised Transformer layer and Proposition 1's eigenvalue condition.
+
+Dropping softmax, layer norms, biases and the FFN activation, layer l maps the current token z_n to
+W_linear z_n with W_linear = (I + W_FFN)(I + W_MHSA), where (eq. 16-18, per-head matrices as in Section 4.1)
+  W_MHSA = sum_h W_O^h W_V^h (sum_{i<=n} z_i z_i^T) (W_K^h)^T W_Q^h,   W_FFN = W_2 W_1.
+Only GPT-2-design layers (plain two-matrix FFN) have this form; gated FFNs (LLaMA, Gemma) do not, so the
+paper, and we, skip them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerWeights:
+    """Per-head projections in the paper's convention (act on column vectors), float64."""
+    q: torch.Tensor   # [H, dh, d]
+    k: torch.Tensor   # [H, dh, d]
+    v: torch.Tensor   # [H, dh, d]
+    o: torch.Tensor   # [H, d, dh]
+    w1: torch.Tensor  # [ff, d]
+    w2: torch.Tensor  # [d, ff]
+
+
+def is_gpt2_design(model) -> bool:
+    return getattr(model.config, "model_type", None) == "gpt2"
+
+
+def gpt2_weights(block, n_head: int) -> LayerWeights:
+    """GPT-2's Conv1D layers compute x @ W, so the paper's matrices are the transposed column blocks."""
+    c_attn = block.attn.c_attn.weight.detach().double()     # [d, 3d]
+    d = c_attn.shape[0]
+    if d % n_head:
+        raise ValueError(f"hidden size {d} is not divisible by {n_head} heads")
+    dh = d // n_head
+
+    def heads(w):  # [d, d] (x @ w) -> [H, dh, d]
+        return w.T.reshape(n_head, dh, d)
+
+    q, k, v = (heads(c_attn[:, i * d : (i + 1) * d]) for i in range(3))
+    o = block.attn.c_proj.weight.detach().double().reshape(n_head, dh, d).transpose(1, 2)  # [H, d, dh]
+    w1 = block.mlp.c_fc.weight.detach().double().T
+    w2 = block.mlp.c_proj.weight.detach().double().T
+    return LayerWeights(q, k, v, o, w1, w2)
+
+
+def linearized_layer(w: LayerWeights, z: torch.Tensor) -> torch.Tensor:
+    """W_linear [d, d] for a current token whose context (itself last) is z [n, d] at the layer's input."""
+    z = z.double()
+    gram = z.T @ z                                                   # sum_i z_i z_i^T
+    inner = w.v @ gram @ w.k.transpose(1, 2)                         # [H, dh, dh]: W_V C W_K^T
+    h, d, dh = w.o.shape
+    mhsa = (w.o @ inner).transpose(0, 1).reshape(d, h * dh) @ w.q.reshape(h * dh, d)
+    eye = torch.eye(d, dtype=torch.float64, device=z.device)
+    return (eye + w.w2 @ w.w1) @ (eye + mhsa)
+
+
+def proposition1(weight: torch.Tensor, x: torch.Tensor) -> dict:
+    """Proposition 1's condition sum_i lambda_i a_i b_i >= sum_i a_i b_i, with W^T W = U Lambda U^-1,
+    a = U^T x, b = U^-1 x (U orthogonal here, the Gram matrix being symmetric). It implies ||Wx|| >= ||x||."""
+    if weight.dim() != 2 or x.dim() != 1 or weight.shape[1] != x.shape[0]:
+        raise ValueError(f"weight [d_out, d_in] and x [d_in] do not match: {tuple(weight.shape)}, {tuple(x.shape)}")
+    weight, x = weight.double(), x.double()
+    lam, u = torch.linalg.eigh(weight.T @ weight)
+    a = u.T @ x
+    b = torch.linalg.solve(u, x)
+    lhs, rhs = float((lam * a * b).sum()), float((a * b).sum())
+    # rhs = ||x||^2 >= 0; the 1e-9 relative slack keeps equality (eigenvalues all 1) from failing on rounding.
+    return {"lhs": lhs, "rhs": rhs, "satisfied": lhs >= rhs * (1 - 1e-9), "min_eigenvalue": float(lam[0]),
+            "max_eigenvalue": float(lam[-1]), "norm_ratio": float((weight @ x).norm() / x.norm())}
+
+
+def layer_conditions(weights: list[LayerWeights], inputs: torch.Tensor) -> list[dict]:
+    """Proposition 1 at every layer for one sample. inputs [L, n, d]: each layer's input at positions 1..n;
+    the current token is position n."""
+    out = []
+    for l, w in enumerate(weights):
+        w_lin = linearized_layer(w, inputs[l])
+        out.append({"layer": l + 1, **proposition1(w_lin, inputs[l, -1])})
+    return out

@@ -1,0 +1,176 @@
+"""Writing a probe result: results.json (every number), PNG figures and summary.md, in one folder."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import pca
+
+PAPER_COLUMNS = {"wikitext103": "Wikitext-103", "1bw": "1BW"}
+
+
+def paper_numbers_path() -> Path:
+    """$METACLM_PAPER_NUMBERS, else the first shared/paper/paper-numbers.json found walking up from this file
+    or from the working directory (the project keeps it in ../shared beside the checkout)."""
+    env = os.environ.get("METACLM_PAPER_NUMBERS")
+    if env:
+        return Path(env)
+    rel = Path("shared") / "paper" / "paper-numbers.json"
+    here, cwd = Path(__file__).resolve(), Path.cwd().resolve()
+    candidates = [d / rel for d in [*here.parents, cwd, *cwd.parents]]
+    return next((p for p in candidates if p.exists()), here.parents[3] / rel)
+
+
+def paper_numbers() -> dict | None:
+    path = paper_numbers_path()
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _figures(result: dict, out: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model, corpus = result["model"]["description"], result["corpus"]["description"]
+    states = result["inner_loss"]["states"]
+    kept = [r for r in result["samples"] if r["kept"]]
+    files = {}
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in kept:
+        ax.plot(states, r["layer_loss"], color="tab:blue", alpha=min(0.5, 8 / len(kept)), lw=0.6)
+    ax.plot(states, result["inner_loss"]["mean"], "o-", color="black", label=f"mean over {len(kept)} samples")
+    ax.set_yscale("log")  # the embeddings' loss can be ~100 nats, the last layer's ~3
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("inner loss (nats, log scale)")
+    ax.set_title(f"Inner loss across layers (cf. paper Fig. 4/7)\n{model}\n{corpus}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "inner_loss.png", dpi=120)
+    plt.close(fig)
+    files["inner_loss"] = "inner_loss.png"
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    norms = np.array([row for r in kept for row in r["norms"]])
+    ax.plot(states, np.median(norms, 0), "o-", color="black", label="median")
+    ax.fill_between(states, np.percentile(norms, 10, 0), np.percentile(norms, 90, 0), alpha=0.3, label="10-90%")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("current-token norm (raw, before final norm)")
+    t1 = result["norms"]["table1"]
+    ax.set_title(f"Norms across layers: {t1['sequence_percent']:.1f}% sequences, {t1['pair_percent']:.1f}% pairs "
+                 f"non-decreasing (last layer excluded)\n{model}\n{corpus}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "norms.png", dpi=120)
+    plt.close(fig)
+    files["norms"] = "norms.png"
+
+    pca.plot(np.array(result["pca"]["points"]),
+             f"Current-token trajectories, layers 0..{result['model']['layers'] - 1}, PCA 3-D "
+             f"(cf. paper Fig. 5/8), {len(result['pca']['samples'])} samples\n{model}\n{corpus}",
+             out / "pca_trajectories.png")
+    files["pca"] = "pca_trajectories.png"
+    return files
+
+
+def _table1(result: dict, paper: dict | None) -> list[str]:
+    t1 = result["norms"]["table1"]
+    key = result["corpus"]["paper_key"]
+    lines = ["| Model | Corpus | Sequence (%) | Pair (%) |", "|---|---|---|---|",
+             f"| {result['model']['description']} (this run) | {result['corpus']['description']} | "
+             f"{t1['sequence_percent']:.1f} | {t1['pair_percent']:.1f} |"]
+    if paper is None:
+        lines.append(f"\nPaper numbers not found at {paper_numbers_path()}.")
+        return lines
+    table = paper["table1_nondecreasing_norm_percent"]
+    keys = [key] if key else list(PAPER_COLUMNS)
+    for name, cols in table.items():
+        if name == "note":
+            continue
+        for k in keys:
+            lines.append(f"| {name} (paper) | {PAPER_COLUMNS[k]} | {cols[k]['sequence']} | {cols[k]['pair']} |")
+    return lines
+
+
+def markdown(result: dict, files: dict, paper: dict | None) -> str:
+    m, c, n = result["model"], result["corpus"], result["counts"]
+    il, t1, lin = result["inner_loss"], result["norms"]["table1"], result["linear"]
+    lines = [
+        f"# metaclm probe: {m['description']}",
+        "",
+        f"- Model: {m['description']} (`--model {m['spec']}`, {m['family']}, {m['layers']} layers, d={m['hidden_size']})",
+        f"- Corpus: {c['description']} (`--corpus {c['spec']}`, {c['source']})",
+        f"- Device {result['config']['device']}, batch {result['config']['batch_size']}, max {result['config']['max_tokens']} "
+        f"tokens per sample, seed {result['config']['seed']}; {result['seconds']:.1f} s",
+        "- Protocol: samples of >= 10 words; current tokens from the 5th text token on; inner loss = cross-entropy of "
+        "the model's final norm + LM head applied to each decoder layer's raw output (logit lens); per-sample loss = "
+        f"mean over its tokens; samples whose last-layer loss > {result['config']['loss_filter']} dropped.",
+        "",
+        "## Counts (cf. paper Table 3)",
+        "",
+        f"{n['available_ge_10_words']} samples of >= 10 words available, {n['sampled']} sampled, {n['scored']} with a "
+        f"studied token, **{n['kept_after_loss_filter']} kept** after the loss filter ({n['studied_tokens_kept']} tokens).",
+        "",
+        "## Inner loss across layers (cf. paper Figures 4 and 7)",
+        "",
+        f"Mean inner loss: embeddings (state 0) {il['first']:.3f} nats, last layer {il['last']:.3f} nats; lowest at "
+        f"state {il['min_state']}.",
+        "",
+        "| state | " + " | ".join(str(s) for s in il["states"]) + " |",
+        "|---|" + "---|" * len(il["states"]),
+        "| mean loss | " + " | ".join(f"{v:.2f}" for v in il["mean"]) + " |",
+        "| mean norm | " + " | ".join(f"{v:.1f}" for v in result["norms"]["mean"]) + " |",
+        "",
+        f"![inner loss]({files['inner_loss']})",
+        "",
+        "## Non-decreasing norms (cf. paper Table 1)",
+        "",
+        f"Trajectories: every studied token of the kept samples ({t1['trajectories']}), states 0 (embeddings) to "
+        f"{m['layers'] - 1} (last layer excluded, as in the paper): {t1['pairs_per_trajectory']} pairs each; fair-coin "
+        f"null for a sequence: {t1['null_sequence_percent']:.2g}%. With the last layer included: "
+        f"{result['norms']['with_last_layer']['sequence_percent']:.1f}% sequences, "
+        f"{result['norms']['with_last_layer']['pair_percent']:.1f}% pairs.",
+        "",
+        "Non-decreasing pairs by step (state i -> i+1), %: "
+        + ", ".join(f"{i}: {v:.0f}" for i, v in enumerate(t1["pair_percent_by_step"])) + ".",
+        "",
+        *_table1(result, paper),
+        "",
+        f"![norms]({files['norms']})",
+        "",
+        "## PCA trajectories (cf. paper Figures 5 and 8)",
+        "",
+        f"Last token of {len(result['pca']['samples'])} random kept samples; explained variance "
+        + ", ".join(f"{v:.2f}" for v in result["pca"]["explained_variance_ratio"]) + ".",
+        "",
+        f"![pca]({files['pca']})",
+        "",
+        "## Appendix B: linearised layer and Proposition 1",
+        "",
+    ]
+    if lin["applicable"]:
+        lines.append(f"W_linear = (I + W_FFN)(I + W_MHSA) for the last token of {lin['samples']} kept samples at every "
+                     f"layer ({lin['pairs']} pairs): Proposition 1's condition holds for **{lin['satisfied_percent']:.1f}%**; "
+                     f"the smallest Gram eigenvalue is >= 1 for {lin['min_eigenvalue_ge_1_percent']:.1f}%.")
+    else:
+        lines.append(f"Not run: {lin['reason']}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, out_dir) -> dict:
+    """results.json, inner_loss.png, norms.png, pca_trajectories.png and summary.md in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paper = paper_numbers()
+    files = _figures(result, out)
+    result = {**result, "paper": None if paper is None else {
+        "table1_nondecreasing_norm_percent": paper["table1_nondecreasing_norm_percent"],
+        "table3_after_filtering_loss_gt_10": paper["table3_after_filtering_loss_gt_10"]}, "files": files}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "summary.md").write_text(markdown(result, files, paper))
+    return {**files, "json": "results.json", "summary": "summary.md"}

@@ -1,0 +1,122 @@
+"""The probe pipeline: corpus -> model -> per-layer states -> inner loss, norms, PCA, Appendix B."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from . import linear, norms, pca
+from .corpora import load_corpus
+from .lens import make_batch, token_stats
+from .models import load_model
+
+LOSS_FILTER = 10.0   # the paper drops samples whose final-layer loss is above 10
+
+
+@dataclass
+class ProbeConfig:
+    model: str
+    corpus: str
+    max_samples: int | None = None
+    batch_size: int = 8
+    max_tokens: int = 128
+    pca_samples: int = 50
+    linear_samples: int = 50
+    seed: int = 0
+    device: str | None = None
+
+    def check(self) -> None:
+        for name in ("batch_size", "pca_samples", "linear_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens < 8:
+            raise ValueError(f"--max-tokens must be >= 8 (positions from the 5th on need context), got {self.max_tokens}")
+
+
+def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
+    """Everything the report needs, as plain numbers (plus the PCA points); see report.write_outputs."""
+    cfg.check()
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    corpus = load_corpus(cfg.corpus, cfg.max_samples, cfg.seed)
+    lm = load_model(cfg.model, device)
+    n_layers = len(lm.layers)
+    gpt2 = linear.is_gpt2_design(lm.model)
+    weights = [linear.gpt2_weights(b, lm.model.config.n_head) for b in lm.layers] if gpt2 else None
+
+    order = sorted(range(len(corpus.samples)), key=lambda i: len(corpus.samples[i]))  # less padding per batch
+    records: dict[int, dict] = {}
+    token_norms, last_states, linear_rows = {}, {}, []
+    for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"probe {cfg.model}", disable=not progress):
+        idx = order[lo : lo + cfg.batch_size]
+        batch = make_batch(lm.tokenizer, [corpus.samples[i] for i in idx], cfg.max_tokens, device)
+        states = lm.states(batch.input_ids, batch.attention_mask)
+        losses, tok_norms, which = token_stats(lm, states, batch)
+        for b, i in enumerate(idx):
+            sel = which == b
+            n = int(batch.lengths[b])
+            rec = {"index": i, "text": corpus.samples[i], "tokens": n, "positions": int(sel.sum())}
+            records[i] = rec
+            if not rec["positions"]:
+                rec["kept"] = False
+                continue
+            layer_loss = losses[:, sel].mean(1)
+            rec["layer_loss"] = layer_loss.tolist()
+            rec["kept"] = bool(layer_loss[-1] <= LOSS_FILTER)
+            if rec["kept"]:
+                token_norms[i] = tok_norms[:, sel].T.cpu()                 # [positions, L+1]
+                last_states[i] = states[:, b, n - 1].cpu()                 # [L+1, d]
+                if gpt2 and len(linear_rows) < cfg.linear_samples:
+                    rows = linear.layer_conditions(weights, states[:n_layers, b, :n])
+                    linear_rows.append({"index": i, "layers": rows})
+    samples = [records[i] for i in range(len(corpus.samples))]
+    kept = [r for r in samples if r["kept"]]
+    if not kept:
+        raise ValueError(f"no sample of --corpus {cfg.corpus} passed the filters (>= 1 studied position, "
+                         f"final loss <= {LOSS_FILTER})")
+
+    loss = torch.tensor([r["layer_loss"] for r in kept])                  # [kept, L+1]
+    for r in kept:
+        r["norms"] = token_norms[r["index"]].tolist()
+    all_norms = torch.cat([token_norms[r["index"]] for r in kept])        # [tokens, L+1]
+    rng = random.Random(cfg.seed)
+    shown = sorted(rng.sample([r["index"] for r in kept], min(cfg.pca_samples, len(kept))))
+    # Conjecture 8.1 and the paper's figures leave the last layer out: states 0 (embeddings) .. L-1.
+    points, explained = pca.project(torch.stack([last_states[i][:n_layers] for i in shown]))
+
+    result = {
+        "model": {"spec": cfg.model, "description": lm.description, "family": lm.family, "layers": n_layers,
+                  "hidden_size": int(last_states[shown[0]].shape[-1])},
+        "corpus": {"spec": cfg.corpus, "description": corpus.description, "source": corpus.source,
+                   "paper_key": corpus.paper_key},
+        "config": {**asdict(cfg), "device": device, "loss_filter": LOSS_FILTER},
+        "counts": {"available_ge_10_words": corpus.available, "sampled": len(samples),
+                   "scored": sum(1 for r in samples if r["positions"]), "kept_after_loss_filter": len(kept),
+                   "studied_tokens_kept": int(all_norms.shape[0])},
+        "inner_loss": {"states": list(range(n_layers + 1)), "mean": loss.mean(0).tolist(),
+                       "std": loss.std(0).tolist() if len(kept) > 1 else [0.0] * (n_layers + 1),
+                       "first": float(loss[:, 0].mean()), "last": float(loss[:, -1].mean()),
+                       "min_state": int(loss.mean(0).argmin())},
+        "norms": {"mean": all_norms.mean(0).tolist(),
+                  "table1": norms.nondecreasing(all_norms[:, :n_layers]),
+                  "with_last_layer": norms.nondecreasing(all_norms)},
+        "pca": {"samples": shown, "explained_variance_ratio": explained, "points": points.tolist()},
+        "linear": _linear_summary(gpt2, linear_rows),
+        "samples": samples,
+        "seconds": time.perf_counter() - started,
+    }
+    return result
+
+
+def _linear_summary(gpt2: bool, rows: list[dict]) -> dict:
+    if not gpt2:
+        return {"applicable": False, "reason": "not a GPT-2-design model: its FFN is gated (LLaMA/Gemma), so "
+                "W_FFN = W_2 W_1 does not exist; the paper also ran Appendix B on GPT-2 only"}
+    pairs = [layer for r in rows for layer in r["layers"]]
+    return {"applicable": True, "samples": len(rows), "pairs": len(pairs),
+            "satisfied_percent": 100.0 * sum(p["satisfied"] for p in pairs) / max(len(pairs), 1),
+            "min_eigenvalue_ge_1_percent": 100.0 * sum(p["min_eigenvalue"] >= 1 for p in pairs) / max(len(pairs), 1),
+            "per_sample": rows}
