@@ -11,12 +11,14 @@ SOURCES := setup.py pyproject.toml $(shell find csrc metaclm_ext -type f \( -nam
 demo: install
 	$(BIN)/metaclm demo
 
-# pytest (not `python -m pytest`) so the tests import the installed package, as users do.
+# pytest (not `python -m pytest`, which would put the source tree first on sys.path) so the tests import
+# the installed package, as users do. Benchmarks run once each at a smoke size, so they cannot rot.
 test: install
-	cd tests && ../$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --benchmark-disable tests benchmarks
 
+# The benchmarks timed for real (METACLM_BENCH_ROWS sets the size); scripts/bench_table.py for the table.
 bench: install
-	$(BIN)/pytest benchmarks -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider benchmarks
 
 env: $(STAMPS)/env
 install: $(STAMPS)/install

@@ -23,6 +23,16 @@ from .ops import (  # noqa: E402
     history_label_mass,
     history_topk,
 )
+from .store import HistoryStore, HistoryWriter, StoreError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["HistoryTopK", "Selection", "dual_form_apply", "history_label_mass", "history_topk"]
+__all__ = [
+    "HistoryStore",
+    "HistoryTopK",
+    "HistoryWriter",
+    "Selection",
+    "StoreError",
+    "dual_form_apply",
+    "history_label_mass",
+    "history_topk",
+]

@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # Modules that contribute subcommands, in the order `metaclm --help` lists them.
-COMMAND_MODULES = ["demo", "data", "train", "dualform"]
+COMMAND_MODULES = ["demo", "store_cli", "data", "train", "dualform"]
 
 
 def build_parser() -> argparse.ArgumentParser:

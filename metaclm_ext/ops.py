@@ -124,9 +124,12 @@ def _limit_tensor(limit, num_queries: int, num_rows: int, device: torch.device) 
     return limit
 
 
-def _chunk_rows(chunk_rows: Optional[int], width: int, itemsize: int) -> int:
+def _chunk_rows(chunk_rows: Optional[int], row_bytes: int, sources: tuple = ()) -> int:
+    """Rows per chunk: explicit, else the chunk budget (the smallest ``chunk_bytes`` of the sources that
+    carry one, as store fields do; DEFAULT_CHUNK_BYTES otherwise) over the bytes of one row of all sources."""
     if chunk_rows is None:
-        return max(1024, DEFAULT_CHUNK_BYTES // max(1, width * itemsize))
+        budget = min((int(s.chunk_bytes) for s in sources if hasattr(s, "chunk_bytes")), default=DEFAULT_CHUNK_BYTES)
+        return max(1024, budget // max(1, row_bytes))
     if int(chunk_rows) <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     return int(chunk_rows)
@@ -137,18 +140,39 @@ def _chunks(source: History, chunk_rows: int, stop: int) -> Iterator[tuple[int, 
     if isinstance(source, torch.Tensor):
         for start in range(0, stop, chunk_rows):
             yield start, source[start : min(stop, start + chunk_rows)]
-    else:
-        yield from source.iter_chunks(chunk_rows, stop)
+    else:  # a row source must cover [0, stop) in order: a gap or a short stream is an error, not a result
+        expected = 0
+        for offset, rows in source.iter_chunks(chunk_rows, stop):
+            if offset != expected:
+                raise RuntimeError(f"row source jumped to row {offset}, expected {expected}")
+            expected += rows.shape[0]
+            yield offset, rows
+        if expected != stop:
+            raise RuntimeError(f"row source ended at row {expected}, expected {stop}")
 
 
 def _zip_chunks(sources: list, chunk_rows: int, stop: int) -> Iterator[tuple[int, list]]:
-    """Row-aligned chunks of several sources (inputs with errors, history with labels)."""
-    for parts in zip(*(_chunks(s, chunk_rows, stop) for s in sources)):
-        offsets = {p[0] for p in parts}
-        lengths = {p[1].shape[0] for p in parts}
-        if len(offsets) != 1 or len(lengths) != 1:
-            raise RuntimeError(f"row sources went out of step: offsets {offsets}, lengths {lengths}")
-        yield parts[0][0], [p[1] for p in parts]
+    """Row-aligned chunks of several sources (inputs with errors, history with labels).
+
+    Not built on zip(): its cached result tuple keeps an older chunk alive, a third chunk in memory.
+    """
+    streams = [_chunks(s, chunk_rows, stop) for s in sources]
+    try:
+        for first in streams[0]:
+            parts = [first] + [next(s, None) for s in streams[1:]]
+            if any(p is None for p in parts):
+                raise RuntimeError("row sources went out of step: one ended early")
+            offsets = {p[0] for p in parts}
+            lengths = {p[1].shape[0] for p in parts}
+            if len(offsets) != 1 or len(lengths) != 1:
+                raise RuntimeError(f"row sources went out of step: offsets {offsets}, lengths {lengths}")
+            yield first[0], [p[1] for p in parts]
+            del first, parts  # hold no chunk while the next ones are read
+        if any(next(s, None) is not None for s in streams[1:]):
+            raise RuntimeError("row sources went out of step: one has rows beyond the others")
+    finally:  # stop the other streams (a store field's read-ahead thread) now, even if one failed
+        for s in streams:
+            s.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,7 +219,8 @@ def history_topk(
     top_idx = torch.full(state_shape, PAD_INDEX, dtype=torch.int64, device=q.device)
     last_keys, last_idx = top_keys.clone(), top_idx.clone()
     stop = int(lim.max())
-    for offset, rows in _chunks(history, _chunk_rows(chunk_rows, width, history.dtype.itemsize), stop):
+    rows_per_chunk = _chunk_rows(chunk_rows, width * history.dtype.itemsize, (history,))
+    for offset, rows in _chunks(history, rows_per_chunk, stop):
         top_keys, top_idx, last_keys, last_idx = _ops.history_topk_merge(
             q, rows, offset, lim, top_keys, top_idx, last_keys, last_idx
         )
@@ -222,6 +247,8 @@ def history_label_mass(
     ``labels`` is int64 [N] (a tensor or a store metadata column) with values in [0, num_labels).
     """
     n, width = _shape_of("history", history)
+    if not isinstance(labels, torch.Tensor) and not hasattr(labels, "iter_chunks"):
+        raise TypeError(f"labels must be an integer tensor [N] or a HistoryStore column, got {type(labels).__name__}")
     q = _as_heads(queries, width, heads, {"history": history, "labels": labels})
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels <= 0:
         raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
@@ -232,7 +259,8 @@ def history_label_mass(
     lim = _limit_tensor(limit, q.shape[0], n, q.device)
     sums = torch.zeros(num_labels, width, dtype=torch.float64, device=q.device)
     mass = torch.zeros(q.shape[0], q.shape[1], num_labels, dtype=torch.float64, device=q.device)
-    rows_per_chunk = _chunk_rows(chunk_rows, width, history.dtype.itemsize)
+    row_bytes = width * history.dtype.itemsize + labels.dtype.itemsize
+    rows_per_chunk = _chunk_rows(chunk_rows, row_bytes, (history, labels))
     for offset, (rows, lab) in _zip_chunks([history, labels], rows_per_chunk, int(lim.max())):
         sums, mass = _ops.history_label_mass_merge(q, rows, lab.to(torch.int64), offset, lim, sums, mass)
     return mass.to(torch.float32)
@@ -266,8 +294,8 @@ def dual_form_apply(
     lim = _limit_tensor(limit, q.shape[0], n, q.device)
     delta = torch.zeros(d_out, d_in, dtype=torch.float64, device=q.device)
     out = torch.zeros(q.shape[0], d_out, dtype=torch.float64, device=q.device)
-    itemsize = max(inputs.dtype.itemsize, errors.dtype.itemsize)
-    rows_per_chunk = _chunk_rows(chunk_rows, d_in + d_out, itemsize)
+    row_bytes = d_in * inputs.dtype.itemsize + d_out * errors.dtype.itemsize
+    rows_per_chunk = _chunk_rows(chunk_rows, row_bytes, (inputs, errors))
     for offset, (x, e) in _zip_chunks([inputs, errors], rows_per_chunk, int(lim.max())):
         delta, out = _ops.dual_form_apply_merge(q, x, e, offset, lim, delta, out)
     return out.to(torch.float32)

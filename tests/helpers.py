@@ -1,5 +1,10 @@
 """Comparison helpers shared by the kernel tests."""
+import pytest
 import torch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # Value tolerances for kernel vs reference (relative to the largest score of the query head).
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

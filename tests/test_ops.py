@@ -6,8 +6,7 @@ from hypothesis import strategies as st
 
 import metaclm_ext
 from metaclm_ext import reference as ref
-from conftest import DTYPES
-from helpers import RTOL, assert_selection_close, assert_selection_equal, small_ints
+from helpers import DTYPES, RTOL, assert_selection_close, assert_selection_equal, small_ints
 
 # (Q, H, Dh, N, k): heads of the paper's attention (8 x 8), its FFN (1 x 128), odd sizes, tails.
 SHAPES = [

@@ -9,7 +9,7 @@ import torch
 
 import metaclm_ext
 from metaclm_ext.ops import PAD_INDEX
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu")))

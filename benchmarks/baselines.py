@@ -1,0 +1,104 @@
+"""Baselines the kernels are measured against, and this machine's limits, measured in the same run.
+
+* torch: chunked matmul (scores of a chunk for all query heads), then topk for the top and for the last,
+  merged across chunks: what one writes without a custom kernel.
+* FAISS: exact inner-product search (IndexFlatIP) per head; last-k is a second search with negated
+  queries. The index is built outside the timed region (favouring FAISS).
+* limit: max(bytes read / memory read bandwidth, flops / sgemm rate).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+CHUNK_ROWS = 1 << 18
+
+
+def torch_topk(queries: torch.Tensor, history: torch.Tensor, k: int):
+    """Top-k and last-k (values, indices) [Q, H, k] by chunked matmul + topk."""
+    q, h, dh = queries.shape
+    best_top = best_last = None
+    for start in range(0, history.shape[0], CHUNK_ROWS):
+        rows = history[start : start + CHUNK_ROWS].float().view(-1, h, dh)
+        scores = torch.einsum("qhd,nhd->qhn", queries, rows)
+        kk = min(k, scores.shape[-1])
+        top = scores.topk(kk, dim=-1)
+        last = scores.topk(kk, dim=-1, largest=False)
+        top = (top.values, top.indices + start)
+        last = (last.values, last.indices + start)
+        best_top = top if best_top is None else _merge(best_top, top, k, True)
+        best_last = last if best_last is None else _merge(best_last, last, k, False)
+    return best_top, best_last
+
+
+def _merge(a, b, k, largest):
+    values = torch.cat([a[0], b[0]], -1)
+    indices = torch.cat([a[1], b[1]], -1)
+    sel = values.topk(k, dim=-1, largest=largest)
+    return sel.values, indices.gather(-1, sel.indices)
+
+
+def faiss_indexes(history: torch.Tensor, heads: int):
+    """One IndexFlatIP per head over fp32 rows (FAISS has no fp16 flat index)."""
+    import faiss
+
+    dh = history.shape[1] // heads
+    indexes = []
+    for h in range(heads):
+        index = faiss.IndexFlatIP(dh)
+        index.add(history[:, h * dh : (h + 1) * dh].float().contiguous().numpy())
+        indexes.append(index)
+    return indexes
+
+
+def faiss_topk(queries: torch.Tensor, indexes, k: int):
+    """Top-k and last-k per head: two exact searches per head (queries and negated queries)."""
+    out = []
+    for h, index in enumerate(indexes):
+        qh = queries[:, h].contiguous().numpy()
+        out.append((index.search(qh, k), index.search(-qh, k)))
+    return out
+
+
+def torch_label_mass(queries, history, labels, num_labels):
+    q, h, dh = queries.shape
+    mass = torch.zeros(q, h, num_labels, dtype=torch.float64)
+    for start in range(0, history.shape[0], CHUNK_ROWS):
+        rows = history[start : start + CHUNK_ROWS].float().view(-1, h, dh)
+        scores = torch.einsum("qhd,nhd->qhn", queries, rows).double()
+        mass.index_add_(2, labels[start : start + CHUNK_ROWS], scores)
+    return mass
+
+
+def torch_dual_form(queries, inputs, errors):
+    out = torch.zeros(queries.shape[0], errors.shape[1], dtype=torch.float64)
+    for start in range(0, inputs.shape[0], CHUNK_ROWS):
+        scores = inputs[start : start + CHUNK_ROWS].float() @ queries.T
+        out += (scores.T @ errors[start : start + CHUNK_ROWS].float()).double()
+    return out
+
+
+def best_time(fn, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def memory_read_gbps(nbytes: int = 1 << 30) -> float:
+    """Read bandwidth: a sum over a buffer far larger than the caches."""
+    buf = torch.ones(nbytes // 4)
+    return nbytes / best_time(lambda: buf.sum()) / 1e9
+
+
+def sgemm_gflops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_time(lambda: a @ b) / 1e9
+
+
+def limit_seconds(rows: int, width: int, itemsize: int, num_queries: int, read_gbps: float, gflops: float) -> float:
+    """The machine's floor for one pass: the larger of reading the history and doing its FMAs."""
+    return max(rows * width * itemsize / (read_gbps * 1e9), 2.0 * rows * width * num_queries / (gflops * 1e9))

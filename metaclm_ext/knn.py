@@ -1,0 +1,231 @@
+"""kNN over historical token representations: the LM head read as a nearest-neighbour vote.
+
+Section 3 of arXiv 2310.05884 writes the LM head's logit for a token as a sum over the training
+history (Eq. 4), i.e. a similarity-weighted vote of historical instances; Khandelwal et al. (2019,
+kNN-LM) showed an explicit kNN over hidden states can match or beat the forward pass. This module
+builds FAISS indexes over layer representations with their labels kept beside them, saves and reloads
+them with a check that index and labels belong together, and scores kNN predictions and the kNN-LM
+interpolation ``p = λ p_kNN + (1 - λ) p_LM``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+METRICS = ("ip", "l2")
+KINDS = ("flat", "ivfpq")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a requirement
+        raise ImportError("metaclm_ext.knn needs FAISS: pip install faiss-cpu (or faiss-gpu)") from exc
+    return faiss
+
+
+def gpu_available() -> bool:
+    """True when this FAISS build sees a GPU (faiss-gpu on a CUDA machine)."""
+    faiss = _faiss()
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+@dataclass
+class KnnIndex:
+    """A FAISS index over N vectors plus int64 label arrays of length N (next token, seed, ...)."""
+
+    index: object
+    labels: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+
+def _as_float32(rows) -> np.ndarray:
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def _row_blocks(vectors, chunk_rows: int):
+    """(offset, fp32 block) of a tensor, an array, or a row source with iter_chunks (a store field)."""
+    if hasattr(vectors, "iter_chunks"):
+        for offset, rows in vectors.iter_chunks(chunk_rows, vectors.shape[0]):
+            yield offset, _as_float32(rows)
+    else:
+        for start in range(0, vectors.shape[0], chunk_rows):
+            yield start, _as_float32(vectors[start : start + chunk_rows])
+
+
+def build_index(
+    vectors,
+    labels: Mapping[str, np.ndarray],
+    *,
+    metric: str = "ip",
+    kind: str = "flat",
+    nlist: Optional[int] = None,
+    pq_m: int = 8,
+    pq_bits: int = 8,
+    train_rows: int = 100_000,
+    chunk_rows: int = 65_536,
+    use_gpu: Optional[bool] = None,
+    info: Optional[dict] = None,
+) -> KnnIndex:
+    """Index ``vectors`` ([N, D]: tensor, array or store field; streamed in chunks) with ``labels``.
+
+    metric "ip" (exact inner product, the dual form's weighting factor) or "l2" (kNN-LM); kind "flat"
+    (exact) or "ivfpq" (IVF with product quantisation, for large histories; trained on the first
+    ``train_rows`` rows). ``use_gpu`` None means: on a GPU when FAISS sees one (flat indexes).
+    """
+    faiss = _faiss()
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if len(vectors.shape) != 2 or vectors.shape[0] == 0:
+        raise ValueError(f"vectors must be a non-empty [N, D] array, got shape {list(vectors.shape)}")
+    n, dim = int(vectors.shape[0]), int(vectors.shape[1])
+    labels = {name: np.asarray(v).astype(np.int64, copy=False) for name, v in labels.items()}
+    for name, v in labels.items():
+        if v.shape != (n,):
+            raise ValueError(f"labels[{name!r}] has shape {list(v.shape)}, expected [{n}]")
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
+    else:
+        if dim % pq_m:
+            raise ValueError(f"pq_m={pq_m} must divide the dimension {dim}")
+        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n))))
+        quantizer = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, pq_bits, faiss_metric)
+        sample = np.concatenate([b for _, b in _row_blocks(_head(vectors, train_rows), chunk_rows)])
+        if sample.shape[0] < max(nlist, 2**pq_bits):
+            raise ValueError(f"ivfpq needs at least {max(nlist, 2**pq_bits)} training rows, got {sample.shape[0]}")
+        index.train(sample)
+    use_gpu = gpu_available() if use_gpu is None else use_gpu
+    if use_gpu and kind == "flat":
+        index = faiss.index_cpu_to_all_gpus(index)
+    for _, block in _row_blocks(vectors, chunk_rows):
+        index.add(block)
+    meta = {"metric": metric, "kind": kind, "dim": dim, "ntotal": n, "gpu": bool(use_gpu and kind == "flat")}
+    meta.update(info or {})
+    return KnnIndex(index, labels, meta)
+
+
+def _head(vectors, rows: int):
+    if hasattr(vectors, "iter_chunks"):
+        return _Head(vectors, min(rows, vectors.shape[0]))
+    return vectors[:rows]
+
+
+class _Head:
+    """The first rows of a row source, as a row source."""
+
+    def __init__(self, source, rows):
+        self.source, self.shape = source, (rows, source.shape[1])
+
+    def iter_chunks(self, chunk_rows, stop):
+        return self.source.iter_chunks(chunk_rows, min(stop, self.shape[0]))
+
+
+def search(knn: KnnIndex, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores or squared distances [Q, k], row ids [Q, k]) of the k nearest rows."""
+    if k <= 0 or k > knn.ntotal:
+        raise ValueError(f"k must be in [1, {knn.ntotal}], got {k}")
+    q = _as_float32(queries)
+    if q.ndim != 2 or q.shape[1] != knn.info["dim"]:
+        raise ValueError(f"queries must be [Q, {knn.info['dim']}], got {list(q.shape)}")
+    return knn.index.search(q, k)
+
+
+def neighbour_weights(knn: KnnIndex, scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax weights of the neighbours: over scores (ip) or negative squared distances (l2)."""
+    logits = scores if knn.info["metric"] == "ip" else -scores
+    logits = torch.as_tensor(logits, dtype=torch.float64) / temperature
+    return torch.softmax(logits, dim=-1).numpy()
+
+
+def knn_distribution(knn: KnnIndex, ids: np.ndarray, weights: np.ndarray, label: str, num_classes: int) -> np.ndarray:
+    """p_kNN [Q, num_classes]: neighbour weights summed per label of the neighbours (Eq. 4's vote)."""
+    labels = knn.labels[label][ids]  # [Q, k]
+    probs = np.zeros((ids.shape[0], num_classes))
+    np.add.at(probs, (np.arange(ids.shape[0])[:, None], labels), weights)
+    return probs
+
+
+def neighbour_purity(knn: KnnIndex, ids: np.ndarray, label: str, query_labels: np.ndarray) -> float:
+    """Fraction of neighbours that share the query's label (e.g. the same seed regex)."""
+    return float((knn.labels[label][ids] == np.asarray(query_labels)[:, None]).mean())
+
+
+def knn_lm_losses(lm_logprobs, knn_probs, targets, lambdas: Sequence[float]) -> dict:
+    """Mean cross-entropy of λ p_kNN + (1-λ) p_LM for each λ, by log-sum-exp (kNN-LM, Eq. 2 there)."""
+    lm = torch.as_tensor(lm_logprobs, dtype=torch.float64)
+    knn = torch.as_tensor(knn_probs, dtype=torch.float64).clamp_min(0).log()
+    t = torch.as_tensor(targets, dtype=torch.int64)[:, None]
+    lm_t, knn_t = lm.gather(1, t)[:, 0], knn.gather(1, t)[:, 0]
+    out = {}
+    for lam in lambdas:
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lambda must be in [0, 1], got {lam}")
+        parts = []
+        if lam > 0:
+            parts.append(knn_t + np.log(lam))
+        if lam < 1:
+            parts.append(lm_t + np.log(1 - lam))
+        out[float(lam)] = float(-torch.logsumexp(torch.stack(parts), dim=0).mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving: <prefix>.faiss (faiss.write_index), <prefix>.labels.npz, <prefix>.json (info + checksums).
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_index(knn: KnnIndex, prefix: str) -> None:
+    faiss = _faiss()
+    index = faiss.index_gpu_to_cpu(knn.index) if knn.info.get("gpu") else knn.index
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    faiss.write_index(index, prefix + ".faiss")
+    np.savez(prefix + ".labels.npz", **knn.labels)
+    meta = dict(knn.info, gpu=False, labels=sorted(knn.labels),
+                index_sha256=_sha256(prefix + ".faiss"), labels_sha256=_sha256(prefix + ".labels.npz"))
+    with open(prefix + ".json", "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def load_index(prefix: str, *, use_gpu: Optional[bool] = None) -> KnnIndex:
+    """Reload a saved index, checking that the index, the labels and the sidecar belong together."""
+    faiss = _faiss()
+    for suffix in (".json", ".faiss", ".labels.npz"):
+        if not os.path.exists(prefix + suffix):
+            raise FileNotFoundError(f"kNN index file missing: {prefix + suffix}")
+    with open(prefix + ".json") as f:
+        meta = json.load(f)
+    for suffix, key in ((".faiss", "index_sha256"), (".labels.npz", "labels_sha256")):
+        if _sha256(prefix + suffix) != meta.get(key):
+            raise ValueError(f"{prefix + suffix} does not match its sidecar {prefix}.json (checksum differs)")
+    index = faiss.read_index(prefix + ".faiss")
+    with np.load(prefix + ".labels.npz") as z:
+        labels = {name: z[name] for name in z.files}
+    if index.ntotal != meta["ntotal"] or any(v.shape != (index.ntotal,) for v in labels.values()):
+        raise ValueError(f"{prefix}: index has {index.ntotal} rows, sidecar says {meta['ntotal']}")
+    if (use_gpu if use_gpu is not None else gpu_available()) and meta["kind"] == "flat":
+        index = faiss.index_cpu_to_all_gpus(index)
+        meta["gpu"] = True
+    return KnnIndex(index, labels, meta)
