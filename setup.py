@@ -57,6 +57,7 @@ setup(
     description="Transformers as inner optimisation over their training history (arXiv 2310.05884): "
     "C++/CUDA history kernels and research toolkit",
     packages=find_packages(include=["metaclm_ext", "metaclm_ext.*"]),
+    package_data={"metaclm_ext": ["paper-numbers.json"]},
     python_requires=">=3.10",
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

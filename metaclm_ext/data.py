@@ -169,14 +169,10 @@ def load(folder: Path) -> dict:
 def table2(data: dict) -> str:
     """Table 2 (instances per split) beside the paper's values from paper-numbers.json."""
     setting = data["meta"]["setting"]
-    paper = paper_numbers()
-    ref = None if paper is None else paper["table2_data_sizes"][f"synthetic_{setting}"]
+    ref = paper_numbers()["table2_data_sizes"][f"synthetic_{setting}"]
     lines = [f"Table 2 (synthetic {setting}): instances = sequences", f"{'set':<12}{'ours':>8}{'paper':>8}"]
     for split, key in (("train", "train"), ("validation", "validation")):
-        theirs = "n/a" if ref is None else f"{ref[key]:,}"
-        lines.append(f"{split:<12}{len(data[split]):>8,}{theirs:>8}")
-    if ref is None:
-        lines.append("(paper-numbers.json not found: set METACLM_PAPER_NUMBERS to print the paper's values)")
+        lines.append(f"{split:<12}{len(data[split]):>8,}{ref[key]:>8,}")
     return "\n".join(lines)
 
 

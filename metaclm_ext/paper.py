@@ -1,31 +1,35 @@
-"""The paper's published numbers, read from paper-numbers.json (never retyped in code)."""
+"""The paper's published numbers, read from paper-numbers.json (never retyped in code).
+
+The package ships a verbatim copy of the project's ``shared/paper/paper-numbers.json`` (a test checks
+the two are byte-identical wherever ``shared/`` is present), so reports can put our numbers beside
+the paper's on any machine. ``$METACLM_PAPER_NUMBERS`` points at another copy.
+"""
 from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 ENV_VAR = "METACLM_PAPER_NUMBERS"
-# Where the JSON lives in this project's layout: a `shared/paper/` folder beside the checkout.
-_CANDIDATES = [
-    Path(__file__).resolve().parents[2] / "shared" / "paper" / "paper-numbers.json",
-    Path("/work/shared/paper/paper-numbers.json"),
-]
+PACKAGED = Path(__file__).resolve().parent / "paper-numbers.json"
 
 
-def paper_numbers_path() -> Optional[Path]:
-    """The JSON file: $METACLM_PAPER_NUMBERS if set (must exist), else the first candidate that exists."""
+def paper_numbers_path() -> Path:
+    """$METACLM_PAPER_NUMBERS if set (it must exist), else the packaged copy."""
     env = os.environ.get(ENV_VAR)
     if env:
-        path = Path(env)
-        if not path.is_file():
+        if not Path(env).is_file():
             raise FileNotFoundError(f"{ENV_VAR}={env} does not name a file")
-        return path
-    return next((p for p in _CANDIDATES if p.is_file()), None)
+        return Path(env)
+    return PACKAGED
 
 
-def paper_numbers() -> Optional[dict]:
-    """The paper's numbers as a dict, or None when the JSON is not available on this machine."""
-    path = paper_numbers_path()
-    return None if path is None else json.loads(path.read_text())
+@lru_cache(maxsize=None)
+def _load(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def paper_numbers() -> dict:
+    """The paper's tables and claims as a dict."""
+    return _load(str(paper_numbers_path()))

@@ -125,3 +125,33 @@ def test_bad_arguments(gen):
         knn.search(index, vectors[:2], 101)
     with pytest.raises(ValueError, match=r"queries must be \[Q, 16\]"):
         knn.search(index, vectors[:2, :8], 3)
+
+
+def test_knn_cli_on_a_tiny_run(tmp_path):
+    """`metaclm knn RUN` end to end: per-layer indexes saved and reloadable, a report whose numbers are
+    consistent with the model (λ = 0 is the model's own loss) and with a direct kNN recomputation."""
+    from metaclm_ext.cli import main
+    from metaclm_ext.train import load_checkpoint, load_run
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress"]) == 0
+    assert main(["knn", str(run), "--k", "4", "--lambdas", "0,0.5,1"]) == 0
+    report = json.loads((run / "knn" / "knn.json").read_text())
+    model = load_checkpoint(run)
+    assert len(report["layers"]) == model.config.n_layer + 1
+    assert (run / "knn" / "knn.png").stat().st_size > 0 and "kNN-LM" in (run / "knn" / "summary.md").read_text()
+    for layer in report["layers"]:
+        assert layer["knn_lm_loss"]["0.0"] == pytest.approx(report["model_loss"])
+        assert 0 <= layer["knn_accuracy"] <= 1 and 0 <= layer["seed_purity"] <= 1
+
+    # Recompute the last layer's kNN accuracy directly from its saved index.
+    last = len(report["layers"]) - 1
+    index = knn.load_index(str(run / "knn" / f"layer{last}"))
+    val = knn.layer_representations(model, load_run(run).data["validation"])
+    assert index.ntotal == report["train_tokens"]
+    scores, ids = knn.search(index, val["layers"][last], 4)
+    probs = knn.knn_distribution(index, ids, knn.neighbour_weights(index, scores), "next_token", 28)
+    acc = float((probs.argmax(1) == val["next_token"].numpy()).mean())
+    assert acc == pytest.approx(report["layers"][last]["knn_accuracy"])
+
+    assert main(["knn", str(tmp_path / "nope")]) == 2

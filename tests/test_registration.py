@@ -115,3 +115,15 @@ def test_import_error_message_is_clear(tmp_path):
     proc = subprocess.run([os.sys.executable, "-c", "import metaclm_ext"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "pip install --no-build-isolation ." in proc.stderr
+
+
+def test_packaged_paper_numbers_are_the_shared_ones():
+    """metaclm_ext ships a verbatim copy of ../shared/paper/paper-numbers.json: numbers are never retyped."""
+    from metaclm_ext import paper
+
+    shared = os.path.join(REPO, "..", "shared", "paper", "paper-numbers.json")
+    assert os.path.exists(paper.PACKAGED)
+    if os.path.exists(shared):  # present in the project's checkouts and CI
+        with open(shared, "rb") as a, open(paper.PACKAGED, "rb") as b:
+            assert a.read() == b.read(), "metaclm_ext/paper-numbers.json differs from shared/paper: copy it again"
+    assert "table1_nondecreasing_norm_percent" in paper.paper_numbers()

@@ -2,31 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import pca
+from ..paper import paper_numbers, paper_numbers_path
 
 PAPER_COLUMNS = {"wikitext103": "Wikitext-103", "1bw": "1BW"}
-
-
-def paper_numbers_path() -> Path:
-    """$METACLM_PAPER_NUMBERS, else the first shared/paper/paper-numbers.json found walking up from this file
-    or from the working directory (the project keeps it in ../shared beside the checkout)."""
-    env = os.environ.get("METACLM_PAPER_NUMBERS")
-    if env:
-        return Path(env)
-    rel = Path("shared") / "paper" / "paper-numbers.json"
-    here, cwd = Path(__file__).resolve(), Path.cwd().resolve()
-    candidates = [d / rel for d in [*here.parents, cwd, *cwd.parents]]
-    return next((p for p in candidates if p.exists()), here.parents[3] / rel)
-
-
-def paper_numbers() -> dict | None:
-    path = paper_numbers_path()
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _figures(result: dict, out: Path) -> dict:
@@ -84,9 +67,6 @@ def _table1(result: dict, paper: dict | None) -> list[str]:
     lines = ["| Model | Corpus | Sequence (%) | Pair (%) |", "|---|---|---|---|",
              f"| {result['model']['description']} (this run) | {result['corpus']['description']} | "
              f"{t1['sequence_percent']:.1f} | {t1['pair_percent']:.1f} |"]
-    if paper is None:
-        lines.append(f"\nPaper numbers not found at {paper_numbers_path()}.")
-        return lines
     table = paper["table1_nondecreasing_norm_percent"]
     keys = [key] if key else list(PAPER_COLUMNS)
     for name, cols in table.items():
@@ -168,7 +148,8 @@ def write_outputs(result: dict, out_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     paper = paper_numbers()
     files = _figures(result, out)
-    result = {**result, "paper": None if paper is None else {
+    result = {**result, "paper": {
+        "source": str(paper_numbers_path()),
         "table1_nondecreasing_norm_percent": paper["table1_nondecreasing_norm_percent"],
         "table3_after_filtering_loss_gt_10": paper["table3_after_filtering_loss_gt_10"]}, "files": files}
     (out / "results.json").write_text(json.dumps(result, indent=1))
