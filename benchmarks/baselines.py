@@ -13,14 +13,16 @@ import time
 import torch
 
 CHUNK_ROWS = 1 << 18
+SCORE_BUDGET = 1 << 27  # scores per chunk (512 MB of fp32), whatever the number of query heads
 
 
 def torch_topk(queries: torch.Tensor, history: torch.Tensor, k: int):
     """Top-k and last-k (values, indices) [Q, H, k] by chunked matmul + topk."""
     q, h, dh = queries.shape
+    chunk = max(4096, min(CHUNK_ROWS, SCORE_BUDGET // (q * h)))
     best_top = best_last = None
-    for start in range(0, history.shape[0], CHUNK_ROWS):
-        rows = history[start : start + CHUNK_ROWS].float().view(-1, h, dh)
+    for start in range(0, history.shape[0], chunk):
+        rows = history[start : start + chunk].float().view(-1, h, dh)
         scores = torch.einsum("qhd,nhd->qhn", queries, rows)
         kk = min(k, scores.shape[-1])
         top = scores.topk(kk, dim=-1)

@@ -1,6 +1,6 @@
 """`metaclm data`: the synthetic regex language of the paper's Appendix D, sampled with exrex.
 
-Grammar (documented in docs/readme-train.md):
+Grammar (documented in docs/train.md):
   * A shared pool of ``2 * num_seeds`` *pieces* over the 26 letters a-z. A piece is a literal of 1-3
     letters (``kq``), a class of 2-4 letters (``[aeg]``) or an alternation of two 1-3 letter literals
     (``(ab|xyz)``), followed by one quantifier from ``'' {0,1} {1,2} {2,3}``.

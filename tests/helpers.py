@@ -15,6 +15,15 @@ def small_ints(shape, gen, low=-3, high=4, dtype=torch.float32):
     return torch.randint(low, high, shape, generator=gen).to(dtype)
 
 
+def random_limits(gen, q, n):
+    """Per-query limits [Q]: random, with the full history for query 0 and two rows for query 1."""
+    lim = torch.randint(0, n + 1, (q,), generator=gen)
+    lim[0] = n
+    if q > 1:
+        lim[1] = min(n, 2)
+    return lim
+
+
 def assert_selection_equal(got, want):
     """Bitwise equality of a Selection (indices and values), used where scores are exact."""
     assert torch.equal(got.indices, want.indices), (got.indices, want.indices)

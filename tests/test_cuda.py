@@ -19,8 +19,8 @@ import metaclm_ext
 from metaclm_ext import reference as ref
 from metaclm_ext.ops import TensorRows
 from helpers import DTYPES, requires_cuda
-from helpers import RTOL, assert_selection_close, assert_selection_equal, small_ints
-from test_ops import SHAPES, _limits
+from helpers import RTOL, assert_selection_close, assert_selection_equal, random_limits, small_ints
+from test_ops import SHAPES
 
 pytestmark = requires_cuda
 
@@ -53,7 +53,7 @@ def test_topk_exact_scores_cuda_equals_cpu_and_reference(shape, dtype, gen):
     q_, h, dh, n, k = shape
     queries = small_ints((q_, h, dh), gen, dtype=dtype)
     history = small_ints((n, h * dh), gen, dtype=dtype)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     want = ref.history_topk_reference(queries, history, k, limit=limit)
     cpu = metaclm_ext.history_topk(queries, history, k, limit=limit)
     for chunk_rows in (None, 97):
@@ -70,7 +70,7 @@ def test_topk_random_floats_cuda_match_reference(shape, dtype, gen):
     q_, h, dh, n, k = shape
     queries = torch.randn(q_, h, dh, generator=gen)
     history = torch.randn(n, h * dh, generator=gen).to(dtype)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     got = metaclm_ext.history_topk(*_cuda(queries, history), k, limit=limit)
     want = ref.history_topk_reference(queries, history, k, limit=limit)
     scores = ref.history_scores(queries, history, dtype=torch.float64)
@@ -133,7 +133,7 @@ def test_label_mass_cuda_matches_reference(shape, dtype, gen):
     queries = torch.randn(q_, h, dh, generator=gen)
     history = torch.randn(n, h * dh, generator=gen).to(dtype)
     labels = torch.randint(0, num_labels, (n,), generator=gen)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     want = ref.history_label_mass_reference(queries, history, labels, num_labels, limit=limit)
     scale = ref.history_scores(queries, history, dtype=torch.float64).abs().sum(-1, keepdim=True)
     for chunk_rows in (None, 61):
@@ -163,7 +163,7 @@ def test_dual_form_cuda_matches_reference(dims, dtype, gen):
     queries = torch.randn(q_, d_in, generator=gen)
     inputs = torch.randn(n, d_in, generator=gen).to(dtype)
     errors = torch.randn(n, d_out, generator=gen).to(dtype)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     want = ref.dual_form_apply_reference(queries, inputs, errors, limit=limit)
     scale = (inputs.double() @ queries.double().T).abs().T @ errors.double().abs()
     for chunk_rows in (None, 37):

@@ -16,7 +16,7 @@ import torch
 from metaclm_ext import reference as ref
 from metaclm_ext.ops import PAD_INDEX, HistoryTopK, _finalize_selection
 from helpers import DTYPES
-from helpers import RTOL, assert_selection_close, assert_selection_equal, small_ints
+from helpers import RTOL, assert_selection_close, assert_selection_equal, random_limits, small_ints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
@@ -117,21 +117,13 @@ SHAPES = [
 ]
 
 
-def _limits(gen, q, n):
-    lim = torch.randint(0, n + 1, (q,), generator=gen)
-    lim[0] = n
-    if q > 1:
-        lim[1] = min(n, 2)
-    return lim
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_emulated_topk_exact_matches_reference(emu, shape, dtype, gen):
     q_, h, dh, n, k = shape
     queries = small_ints((q_, h, dh), gen)
     history = small_ints((n, h * dh), gen, dtype=dtype)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     want = ref.history_topk_reference(queries, history, k, limit=limit)
     for chunk_rows, mixed in ((None, False), (97, False), (131, True)):
         got = _emu_topk(emu, queries, history, k, limit, chunk_rows, cpu_every_other=mixed)
@@ -143,7 +135,7 @@ def test_emulated_topk_exact_matches_reference(emu, shape, dtype, gen):
 def test_emulated_topk_random_floats(emu, shape, gen):
     q_, h, dh, n, k = shape
     queries, history = torch.randn(q_, h, dh, generator=gen), torch.randn(n, h * dh, generator=gen)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     got = _emu_topk(emu, queries, history, k, limit, 211)
     want = ref.history_topk_reference(queries, history, k, limit=limit)
     scores = ref.history_scores(queries, history, dtype=torch.float64)

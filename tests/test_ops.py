@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import metaclm_ext
 from metaclm_ext import reference as ref
-from helpers import DTYPES, RTOL, assert_selection_close, assert_selection_equal, small_ints
+from helpers import DTYPES, RTOL, assert_selection_close, assert_selection_equal, random_limits, small_ints
 
 # (Q, H, Dh, N, k): heads of the paper's attention (8 x 8), its FFN (1 x 128), odd sizes, tails.
 SHAPES = [
@@ -21,14 +21,6 @@ SHAPES = [
 ]
 
 
-def _limits(gen, q, n):
-    lim = torch.randint(0, n + 1, (q,), generator=gen)
-    lim[0] = n
-    if q > 1:
-        lim[1] = min(n, 2)
-    return lim
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_topk_exact_scores_match_reference(shape, dtype, gen):
@@ -36,7 +28,7 @@ def test_topk_exact_scores_match_reference(shape, dtype, gen):
     q_, h, dh, n, k = shape
     queries = small_ints((q_, h, dh), gen, dtype=dtype)
     history = small_ints((n, h * dh), gen, dtype=dtype)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     for chunk_rows in (None, 97):
         got = metaclm_ext.history_topk(queries, history, k, limit=limit, chunk_rows=chunk_rows)
         want = ref.history_topk_reference(queries, history, k, limit=limit)
@@ -50,7 +42,7 @@ def test_topk_random_floats_match_reference(shape, dtype, gen):
     q_, h, dh, n, k = shape
     queries = torch.randn(q_, h, dh, generator=gen)
     history = torch.randn(n, h * dh, generator=gen).to(dtype)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     got = metaclm_ext.history_topk(queries, history, k, limit=limit)
     want = ref.history_topk_reference(queries, history, k, limit=limit)
     scores = ref.history_scores(queries, history, dtype=torch.float64)
@@ -137,7 +129,7 @@ def test_label_mass_matches_reference(shape, dtype, gen):
     queries = torch.randn(q_, h, dh, generator=gen)
     history = torch.randn(n, h * dh, generator=gen).to(dtype)
     labels = torch.randint(0, num_labels, (n,), generator=gen)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     for chunk_rows in (None, 61):
         got = metaclm_ext.history_label_mass(queries, history, labels, num_labels, limit=limit, chunk_rows=chunk_rows)
         want = ref.history_label_mass_reference(queries, history, labels, num_labels, limit=limit)
@@ -168,7 +160,7 @@ def test_dual_form_matches_reference(dims, dtype, gen):
     queries = torch.randn(q_, d_in, generator=gen)
     inputs = torch.randn(n, d_in, generator=gen).to(dtype)
     errors = torch.randn(n, d_out, generator=gen).to(dtype)
-    limit = _limits(gen, q_, n)
+    limit = random_limits(gen, q_, n)
     for chunk_rows in (None, 37):
         got = metaclm_ext.dual_form_apply(queries, inputs, errors, limit=limit, chunk_rows=chunk_rows)
         want = ref.dual_form_apply_reference(queries, inputs, errors, limit=limit)
