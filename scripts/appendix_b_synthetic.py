@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for row in run.data["validation"][: args.max_samples]:
             b = make_batch([row])
-            hidden = model(input_ids=b.input_ids, output_hidden_states=True).hidden_states
+            hidden = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True).hidden_states
             inputs = torch.stack(hidden[: model.config.n_layer])[:, 0]  # [L, n, d]: raw input of each block
             rows.append({"sequence": row["id"], "layers": layer_conditions(weights, inputs)})
     pairs = [layer for r in rows for layer in r["layers"]]

@@ -1,0 +1,29 @@
+"""The paper-figure scripts in scripts/ run on a tiny run (so they cannot rot)."""
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+from metaclm_ext.cli import main
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress"]) == 0
+    return run
+
+
+def test_appendix_b_on_the_synthetic_model(tiny_run, capsys):
+    script = runpy.run_path(str(SCRIPTS / "appendix_b_synthetic.py"))
+    assert script["main"]([str(tiny_run), "--max-samples", "5"]) == 0
+    out = json.loads((tiny_run / "appendix_b.json").read_text())
+    pairs = [layer for s in out["per_sample"] for layer in s["layers"]]
+    assert out["pairs"] == len(pairs) == 5 * 6
+    assert out["satisfied_percent"] == pytest.approx(100 * sum(p["satisfied"] for p in pairs) / len(pairs))
+    # Proposition 1's condition implies ||W x|| >= ||x||.
+    assert all(p["norm_ratio"] >= 1 - 1e-9 for p in pairs if p["satisfied"])
+    assert "satisfy Proposition 1" in capsys.readouterr().out
