@@ -8,6 +8,7 @@ plot of time against N under benchmarks/results/.
 
     python scripts/bench_table.py                 # the default grid (about 10 minutes on 2 cores)
     python scripts/bench_table.py --quick         # small sizes, a minute
+    python scripts/bench_table.py --store-rows 50000000 --store-only   # 50M rows streamed from a store on disk
 """
 from __future__ import annotations
 
@@ -57,6 +58,31 @@ def workloads(quick: bool) -> list[dict]:
     return grid
 
 
+def write_store(path: str, rows: int, width: int, dtype: str, block: int = 1 << 20) -> None:
+    """A HistoryStore of random rows, written block by block (memory stays at one block)."""
+    from metaclm_ext import HistoryWriter
+
+    gen = torch.Generator().manual_seed(0)
+    with HistoryWriter.create(path, fields={"h": (width, dtype)}, columns={}, shard_rows=block) as w:
+        for start in range(0, rows, block):
+            w.append({"h": torch.randn(min(block, rows - start), width, generator=gen).to(DTYPES[dtype])})
+
+
+def run_store(w: dict, path: str, read_gbps: float, gflops: float) -> dict:
+    """history_topk streamed from a store on disk (first pass after writing: the page cache holds what fits)."""
+    from metaclm_ext import HistoryStore
+
+    width = w["heads"] * w["head_dim"]
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        write_store(path, w["rows"], width, w["dtype"])
+    store = HistoryStore(path)
+    queries = torch.randn(w["queries"], w["heads"], w["head_dim"], generator=torch.Generator().manual_seed(1))
+    out = dict(w, torch_s=None, faiss_s=None)
+    out["ours_s"] = baselines.best_time(lambda: metaclm_ext.history_topk(queries, store["h"], K), 1)
+    out["limit_s"] = baselines.limit_seconds(w["rows"], width, DTYPES[w["dtype"]].itemsize, w["queries"], read_gbps, gflops)
+    return out
+
+
 def run(w: dict, read_gbps: float, gflops: float, max_baseline_rows: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     width = w["heads"] * w["head_dim"]
@@ -85,6 +111,13 @@ def main() -> int:
     ap.add_argument("--max-baseline-rows", type=int, default=4_000_000,
                     help="skip the (slow) baselines above this many rows (default 4M)")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "benchmarks", "results"))
+    ap.add_argument("--store-rows", type=int, default=0,
+                    help="also stream an attention history of this many rows from a HistoryStore on disk "
+                         "(e.g. 50000000 = 6.4 GB fp16; written once under --store-dir)")
+    ap.add_argument("--store-only", action="store_true",
+                    help="run only the --store-rows workload (results in cpu-store.json)")
+    ap.add_argument("--store-dir", default=os.path.join(HERE, "..", "runs", "bench-store"),
+                    help="where the benchmark store lives (default runs/bench-store, git-ignored)")
     args = ap.parse_args()
 
     read_gbps, gflops = baselines.memory_read_gbps(), baselines.sgemm_gflops()
@@ -92,31 +125,38 @@ def main() -> int:
     print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}")
     print(f"measured: memory read {read_gbps:.1f} GB/s, sgemm {gflops:.0f} GFLOP/s (same run)")
     print("history_topk, top and last k=10 in one pass; baselines do both (torch: 2 topk; FAISS: 2 searches)\n")
-    header = f"{'workload':<34} {'ours s':>8} {'torch s':>8} {'faiss s':>8} {'best/ours':>9} {'limit s':>8} {'ours/limit':>10}"
+    header = f"{'workload':<40} {'ours s':>8} {'torch s':>8} {'faiss s':>8} {'best/ours':>9} {'limit s':>8} {'ours/limit':>10}"
     print(header)
     print("-" * len(header))
     rows = []
-    for w in workloads(args.quick):
-        r = run(w, read_gbps, gflops, args.max_baseline_rows)
+    grid = [] if args.store_only else workloads(args.quick)
+    if args.store_rows:
+        grid.append(dict(kind="attn-store", rows=args.store_rows, queries=200, heads=8, head_dim=8, dtype="float16"))
+    for w in grid:
+        if w["kind"] == "attn-store":
+            r = run_store(w, os.path.join(args.store_dir, f"attn-{w['rows']}"), read_gbps, gflops)
+        else:
+            r = run(w, read_gbps, gflops, args.max_baseline_rows)
         base = [t for t in (r["torch_s"], r["faiss_s"]) if t is not None]
         r["speedup_vs_best_baseline"] = min(base) / r["ours_s"] if base else None
         r["fraction_of_limit"] = r["limit_s"] / r["ours_s"]
         label = f"{w['kind']} N={w['rows']:,} Q={w['queries']} {w['dtype']}"
-        print(f"{label:<34} {r['ours_s']:>8.3f} {fmt(r['torch_s'], '.3f'):>8} {fmt(r['faiss_s'], '.3f'):>8} "
+        print(f"{label:<40} {r['ours_s']:>8.3f} {fmt(r['torch_s'], '.3f'):>8} {fmt(r['faiss_s'], '.3f'):>8} "
               f"{fmt(r['speedup_vs_best_baseline'], '.1f'):>9} {r['limit_s']:>8.3f} {r['ours_s'] / r['limit_s']:>9.2f}x",
               flush=True)
         rows.append(r)
 
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = "cpu-quick" if args.quick else "cpu"
+    name = "cpu-store" if args.store_only else ("cpu-quick" if args.quick else "cpu")
     result = {"machine": info, "memory_read_gbps": read_gbps, "sgemm_gflops": gflops, "k": K,
               "when": stamp, "results": rows}
     path = os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {os.path.relpath(path)}")
-    plot(rows, os.path.join(args.out, f"{name}-time-vs-n.png"), info)
+    if not args.store_only:
+        plot(rows, os.path.join(args.out, f"{name}-time-vs-n.png"), info)
     return 0
 
 
