@@ -27,3 +27,18 @@ def test_appendix_b_on_the_synthetic_model(tiny_run, capsys):
     # Proposition 1's condition implies ||W x|| >= ||x||.
     assert all(p["norm_ratio"] >= 1 - 1e-9 for p in pairs if p["satisfied"])
     assert "satisfy Proposition 1" in capsys.readouterr().out
+
+
+def test_bench_table_store_workload(tmp_path):
+    """scripts/bench_table.py --store-only: writes a store, streams history_topk over it, saves JSON."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_table.py"), "--store-rows", "5000", "--store-only",
+                           "--store-dir", str(tmp_path / "store"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "cpu-store.json").read_text())
+    (row,) = result["results"]
+    assert row["kind"] == "attn-store" and row["rows"] == 5000 and row["ours_s"] > 0 and row["limit_s"] > 0
+    assert "attn-store N=5,000" in proc.stdout
