@@ -61,7 +61,7 @@ def _figures(result: dict, out: Path) -> dict:
     return files
 
 
-def _table1(result: dict, paper: dict | None) -> list[str]:
+def _table1(result: dict, paper: dict) -> list[str]:
     t1 = result["norms"]["table1"]
     key = result["corpus"]["paper_key"]
     lines = ["| Model | Corpus | Sequence (%) | Pair (%) |", "|---|---|---|---|",
@@ -77,7 +77,7 @@ def _table1(result: dict, paper: dict | None) -> list[str]:
     return lines
 
 
-def markdown(result: dict, files: dict, paper: dict | None) -> str:
+def markdown(result: dict, files: dict, paper: dict) -> str:
     m, c, n = result["model"], result["corpus"], result["counts"]
     il, t1, lin = result["inner_loss"], result["norms"]["table1"], result["linear"]
     lines = [
