@@ -1,0 +1,88 @@
+"""Attention over the training history (Figures 3 and 10): which recorded instances a query weights most.
+
+For a validation query at checkpoint E, the weighting factor of history row t is w_t = <x_t, x> with x the
+query's input of a c_proj and x_t the same c_proj's input recorded at training step t (Eq. 6 per attention
+head, Eq. 8 for the FFN). Rows recorded up to epoch E are the history of checkpoint E, so the queries of
+all checkpoints go through ``history_topk`` together with a per-query ``limit``: each store field is read
+once, whatever the number of checkpoints. The measure is the percentage of the top-k (and last-k) rows
+whose label equals the query's, aggregated over heads and queries.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..ops import history_topk
+
+LABELS = ("seed", "seed_next_token", "next_token")
+MODULES = {"attn": "MHSA", "mlp": "FFN"}
+
+
+def query_labels(seed: torch.Tensor, next_token: torch.Tensor, vocab_size: int) -> dict[str, np.ndarray]:
+    """The three ground truths of a query, numbered as the store's columns are (record.COLUMNS)."""
+    seed, nxt = seed.numpy().astype(np.int64), next_token.numpy().astype(np.int64)
+    return {"seed": seed, "next_token": nxt, "seed_next_token": seed * vocab_size + nxt}
+
+
+def epoch_limits(epoch_column: np.ndarray, epochs: list[int]) -> dict[int, int]:
+    """Rows recorded up to the end of each epoch (the history a checkpoint has seen)."""
+    if epoch_column.size and np.any(np.diff(epoch_column) < 0):
+        raise ValueError("the store's epoch column is not ascending: it was not written by `metaclm train`")
+    return {e: int(np.searchsorted(epoch_column, e, side="right")) for e in epochs}
+
+
+def same_label_percent(indices: torch.Tensor, history_labels: np.ndarray, labels: np.ndarray,
+                       groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """Per group: 100 * (selected rows with the query's label) / (selected rows), over heads and queries.
+
+    indices [Q, H, k] (-1 = no row), history_labels [N], labels [Q], groups [Q] in [0, num_groups).
+    """
+    idx = indices.numpy()
+    valid = idx >= 0
+    match = (history_labels[np.where(valid, idx, 0)] == labels[:, None, None]) & valid
+    hits = np.bincount(groups, weights=match.sum((1, 2)), minlength=num_groups)
+    total = np.bincount(groups, weights=valid.sum((1, 2)), minlength=num_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 100.0 * hits / total, np.nan)
+
+
+def chance_percent(history_labels: np.ndarray, limits: np.ndarray, labels: np.ndarray,
+                   groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """Per group: the expected same-label percentage of rows drawn uniformly from each query's history."""
+    num_classes = int(max(history_labels.max(initial=0), labels.max(initial=0))) + 1
+    share = np.empty(len(labels))
+    for lim in np.unique(limits):
+        at = limits == lim
+        freq = np.bincount(history_labels[:lim], minlength=num_classes) / max(int(lim), 1)
+        share[at] = freq[labels[at]]
+    return 100.0 * np.bincount(groups, weights=share, minlength=num_groups) / np.bincount(groups, minlength=num_groups)
+
+
+def history_attention(store, queries: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
+                      limits: np.ndarray, groups: np.ndarray, num_groups: int, heads: int, k: int = 10,
+                      progress: bool = True, chunk_rows: Optional[int] = None) -> dict:
+    """Same-label percentages of the top-k and last-k history rows, per field, label and group.
+
+    ``queries`` maps a store field ("attn_in.l" / "mlp_in.l") to [Q, width] query vectors; attention fields
+    are scored per head (``heads`` heads), FFN fields as one vector. Returns
+    {"fields": {field: {label: {"top": [G], "last": [G]}}}, "chance": {label: [G]}}.
+    """
+    lim = torch.as_tensor(limits, dtype=torch.int64)
+    history_labels = {name: store.read(name) for name in LABELS}
+    out = {"fields": {}, "chance": {name: chance_percent(history_labels[name], limits, labels[name], groups,
+                                                         num_groups).tolist() for name in LABELS}}
+    for field, q in tqdm(queries.items(), desc="attention over history", unit="field", disable=not progress):
+        if field not in store:
+            raise ValueError(f"the history store {store.path} has no field {field!r} (has {sorted(store.fields)})")
+        res = history_topk(q, store[field], k=k, limit=lim, heads=heads if field.startswith("attn") else 1,
+                           chunk_rows=chunk_rows)
+        out["fields"][field] = {
+            name: {side: same_label_percent(sel.indices, history_labels[name], labels[name], groups,
+                                            num_groups).tolist()
+                   for side, sel in (("top", res.top), ("last", res.last))}
+            for name in LABELS
+        }
+    return out

@@ -1,0 +1,166 @@
+"""The paper's qualitative claims about the synthetic runs, judged on an analysis result.
+
+Each claim is split into checks that are plain comparisons of numbers in the result; a claim is
+*reproduced* when every check passes, *partly reproduced* when at least half pass, *not reproduced*
+otherwise, and *not tested* when the run cannot test it (one checkpoint, a part left out). "Early" and
+"late" are the means over the first and the last quarter of the analysed checkpoints (one at least), so a
+single noisy checkpoint does not decide a trend. The claim texts come from paper-numbers.json.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+from ..paper import paper_numbers
+
+REPRODUCED, PARTLY, NOT, UNTESTED = "reproduced", "partly reproduced", "not reproduced", "not tested"
+TREND_LABELS = ("seed", "seed_next_token")  # the ground truths Figures 3/10 judge (Section 5)
+SEQUENCE_MARGIN = 10.0  # Figure 6: "far above the null" = at least this many times the null
+
+
+class Check(NamedTuple):
+    what: str
+    passed: bool
+
+
+def paper_claim(prefix: str) -> str:
+    """The paper's claim text that starts with ``prefix`` (e.g. "Fig 3/10")."""
+    for text in paper_numbers()["qualitative_claims"]:
+        if text.startswith(prefix):
+            return text
+    raise KeyError(f"paper-numbers.json has no qualitative claim starting with {prefix!r}")
+
+
+def verdict(checks: list[Check]) -> str:
+    if not checks:
+        return UNTESTED
+    passed = sum(c.passed for c in checks)
+    return REPRODUCED if passed == len(checks) else PARTLY if 2 * passed >= len(checks) else NOT
+
+
+def early_late(series: list) -> tuple[float, float]:
+    values = [v for v in series if v is not None and not math.isnan(v)]
+    q = max(1, len(values) // 4)
+    return sum(values[:q]) / q, sum(values[-q:]) / q
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def clustering_checks(result: dict) -> list[Check]:
+    if "clustering" not in result:
+        return []
+    scores, trend = result["clustering"]["scores"], len(result["epochs"]) > 1
+    checks = []
+    for split, by_label in scores.items():
+        for label, metrics in by_label.items():
+            f1 = metrics["f1"]
+            if f1[-1][0] is None:
+                continue
+            checks.append(Check(f"{split}, {label}: F1 of the last layer {f1[-1][-1]:.3f} > embeddings "
+                                f"{f1[-1][0]:.3f} (last checkpoint)", f1[-1][-1] > f1[-1][0]))
+            if trend:
+                early, late = early_late([_mean(row) for row in f1])
+                checks.append(Check(f"{split}, {label}: F1 averaged over layers rises with training "
+                                    f"({early:.3f} early -> {late:.3f} late)", late > early))
+        combo, nxt = by_label["seed_next_token"]["f1"][-1][1:], by_label["next_token"]["f1"][-1][1:]
+        if combo[0] is not None and nxt[0] is not None:
+            checks.append(Check(f"{split}: seed-next-token F1 {_mean(combo):.3f} > next-token F1 {_mean(nxt):.3f} "
+                                "(layers 1..L, last checkpoint)", _mean(combo) > _mean(nxt)))
+    return checks
+
+
+def inner_loss_checks(result: dict) -> list[Check]:
+    if "inner_loss" not in result:
+        return []
+    checks = []
+    for split, rows in result["inner_loss"].items():
+        last = rows[-1]
+        steps = sum(b <= a for a, b in zip(last, last[1:]))
+        checks.append(Check(f"{split}: inner loss at the last layer {last[-1]:.3f} < embeddings {last[0]:.3f} "
+                            "(last checkpoint)", last[-1] < last[0]))
+        checks.append(Check(f"{split}: inner loss does not rise at {steps} of {len(last) - 1} layer steps "
+                            "(last checkpoint; all needed)", steps == len(last) - 1))
+        if len(rows) > 1:
+            early, late = early_late([sum(r) / len(r) for r in rows])
+            checks.append(Check(f"{split}: inner loss averaged over layers falls with training ({early:.3f} early -> "
+                                f"{late:.3f} late)", late < early))
+    return checks
+
+
+def outer_loss_checks(result: dict) -> list[Check]:
+    checks = []
+    for split in ("train", "validation"):
+        series = result["outer_loss"].get(split, [])
+        if len(series) > 1:
+            early, late = early_late(series)
+            checks.append(Check(f"{split} loss falls with training ({early:.3f} early -> {late:.3f} late)", late < early))
+    return checks
+
+
+def attention_checks(result: dict) -> list[Check]:
+    att = result.get("attention", {})
+    if "fields" not in att or len(att["epochs"]) < 2:
+        return []
+    checks = []
+    for label in TREND_LABELS:
+        chance = att["chance"][label][-1]
+        top_ok = last_ok = 0
+        fields = att["fields"]
+        for per_label in fields.values():
+            top, last = per_label[label]["top"], per_label[label]["last"]
+            (top_early, top_late), (last_early, last_late) = early_late(top), early_late(last)
+            top_ok += top[-1] > chance and top_late > top_early
+            last_ok += last[-1] < chance and last_late < last_early
+        n = len(fields)
+        checks.append(Check(f"{label}: top-{att['k']} above chance ({chance:.1f}%) at the last checkpoint and rising "
+                            f"in {top_ok} of {n} layer/module pairs (most needed)", 2 * top_ok > n))
+        checks.append(Check(f"{label}: last-{att['k']} below chance and falling in {last_ok} of {n} layer/module pairs "
+                            "(most needed)", 2 * last_ok > n))
+    return checks
+
+
+def norm_checks(result: dict) -> list[Check]:
+    rows = result.get("norms")
+    if not rows or len(rows) < 2:
+        return []
+    key = "with_last_layer"
+    seq = [r[key]["sequence_percent"] for r in rows]
+    pair = [r[key]["pair_percent"] for r in rows]
+    last_step = [r[key]["pair_percent_by_step"][-1] for r in rows]
+    null = rows[0][key]["null_sequence_percent"]
+    (_, seq_late), (_, pair_late), (_, last_late) = early_late(seq), early_late(pair), early_late(last_step)
+    return [
+        Check(f"sequence level late {seq_late:.1f}% > {SEQUENCE_MARGIN:g} x the null {null:.2f}%",
+              seq_late > SEQUENCE_MARGIN * null),
+        Check(f"pair level late {pair_late:.1f}% > the null 50%", pair_late > 50.0),
+        Check(f"sequence level rises from the first analysed checkpoint ({seq[0]:.1f}% -> {seq_late:.1f}% late)",
+              seq_late > seq[0]),
+        Check(f"pair level rises from the first analysed checkpoint ({pair[0]:.1f}% -> {pair_late:.1f}% late)",
+              pair_late > pair[0]),
+        Check(f"the last layer follows: its step is non-decreasing for {last_late:.1f}% of tokens late (> 50%)",
+              last_late > 50.0),
+    ]
+
+
+CLAIMS: list[tuple[str, str, Callable[[dict], list[Check]]]] = [
+    ("clustering", "Fig 1/9", clustering_checks),
+    ("inner_loss", "Fig 2a/11a", inner_loss_checks),
+    ("outer_loss", "Fig 2b/11b", outer_loss_checks),
+    ("attention", "Fig 3/10", attention_checks),
+    ("norms", "Fig 6", norm_checks),
+]
+
+
+def judge(result: dict, only: Optional[set] = None) -> list[dict]:
+    """[{id, figure, claim, verdict, checks: [{what, passed}]}] for every claim (``only``: those ids)."""
+    out = []
+    for cid, figure, fn in CLAIMS:
+        if only is not None and cid not in only:
+            continue
+        checks = fn(result)
+        out.append({"id": cid, "figure": figure, "claim": paper_claim(figure), "verdict": verdict(checks),
+                    "checks": [c._asdict() for c in checks]})
+    return out

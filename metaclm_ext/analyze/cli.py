@@ -1,0 +1,56 @@
+"""`metaclm analyze RUN`: Figures 1, 2, 3, 6, 9, 10, 11 of the paper on a run of `metaclm train`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .run import PARTS
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 0,10,20, got {text!r}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="attention over the history, clustering, inner loss and norms over a run's "
+                                       "checkpoints (Figures 1-3, 6, 9-11)")
+    p.add_argument("run", type=Path, help="run folder written by `metaclm train` (--record-history for attention)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/analysis)")
+    p.add_argument("--epochs", type=_int_list, default=None,
+                   help="comma-separated checkpoint epochs to analyse (default: every checkpoint)")
+    p.add_argument("--every", type=int, default=None,
+                   help="analyse every N-th checkpoint (and the last); ignored with --epochs")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
+    p.add_argument("--k", type=int, default=10, help="top-k / last-k attended history rows (default 10)")
+    p.add_argument("--kmeans-init", type=int, default=4, help="KMeans restarts per fit (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="KMeans random state (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (forward passes; the kernels follow the queries)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..train import load_run
+    from .report import write_outputs
+    from .run import AnalyzeConfig, analyze_run
+
+    epochs = args.epochs
+    if epochs is None and args.every is not None:
+        if args.every < 1:
+            raise ValueError(f"--every must be >= 1, got {args.every}")
+        available = load_run(args.run).epochs
+        epochs = sorted(set(available[:: args.every]) | {available[-1]})
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    cfg = AnalyzeConfig(epochs=epochs, parts=parts, k=args.k, kmeans_init=args.kmeans_init, seed=args.seed,
+                        device=args.device)
+    result = analyze_run(args.run, cfg, progress=not args.no_progress)
+    out = args.out or args.run / "analysis"
+    files = write_outputs(result, out)
+    for c in result["claims"]:
+        passed = sum(ch["passed"] for ch in c["checks"])
+        print(f"{c['figure']:<11} {c['verdict']:<18} ({passed}/{len(c['checks'])} checks)")
+    print(f"wrote {', '.join(sorted(files.values()))} to {out} in {result['seconds']['total']:.1f} s")
+    return 0

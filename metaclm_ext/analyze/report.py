@@ -1,0 +1,243 @@
+"""Writing an analysis: analysis.json (every number), PNG figures laid out like the paper's, summary.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .attention import LABELS, MODULES
+from .clustering import METRICS
+
+LABEL_NAMES = {"seed": "seed", "next_token": "next token", "seed_next_token": "seed-next-token"}
+FIGURE_OF_LABEL = {"seed": "Fig. 3", "seed_next_token": "Fig. 10", "next_token": "Fig. 10 (next token)"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _state_colors(n: int):
+    return _plt().get_cmap("viridis")(np.linspace(0, 0.9, n))
+
+
+def _state_name(s: int) -> str:
+    return "emb" if s == 0 else f"L{s}"
+
+
+def _attention_figure(result: dict, label: str, path: Path) -> None:
+    plt = _plt()
+    att = result["attention"]
+    epochs, chance = att["epochs"], att["chance"][label]
+    layers = result["layers"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    colors = _state_colors(layers)
+    for row, (kind, module) in enumerate(MODULES.items()):
+        for col, side in enumerate(("top", "last")):
+            ax = axes[row, col]
+            for l in range(layers):
+                ax.plot(epochs, att["fields"][f"{kind}_in.{l}"][label][side], "o-", ms=2.5, lw=1, color=colors[l],
+                        label=f"layer {l + 1}")
+            ax.plot(epochs, chance, "k--", lw=1, label="chance")
+            ax.set_title(f"{module}: {side}-{att['k']} attended", fontsize=9)
+            ax.set_ylabel(f"same {LABEL_NAMES[label]} (%)")
+            if row == 1:
+                ax.set_xlabel("epoch")
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Attention over the history, ground truth: {LABEL_NAMES[label]} (cf. paper {FIGURE_OF_LABEL[label]})\n"
+                 f"{att['queries_per_epoch']} validation queries per checkpoint, {att['history_rows']:,} history rows",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _clustering_figure(result: dict, rows: list[tuple[str, str]], path: Path, title: str) -> None:
+    plt = _plt()
+    scores, epochs = result["clustering"]["scores"], result["epochs"]
+    states = result["layers"] + 1
+    colors = _state_colors(states)
+    fig, axes = plt.subplots(len(rows), len(LABELS), figsize=(12, 2.6 * len(rows) + 0.8), squeeze=False)
+    for r, (split, metric) in enumerate(rows):
+        for c, label in enumerate(LABELS):
+            ax = axes[r, c]
+            values = np.array(scores[split][label][metric], dtype=float)  # [epochs, states], None -> nan
+            for s in range(states):
+                ax.plot(epochs, values[:, s], "o-", ms=2, lw=0.9, color=colors[s], label=_state_name(s))
+            k = result["clustering"]["k"].get(f"{split}/{label}")
+            ax.set_title(f"{split}: {LABEL_NAMES[label]} (k={k})", fontsize=9)
+            ax.set_ylabel(metric.upper())
+            if r == len(rows) - 1:
+                ax.set_xlabel("epoch")
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _loss_figure(result: dict, split: str, path: Path, figure: str) -> None:
+    plt = _plt()
+    rows, epochs = np.array(result["inner_loss"][split]), result["epochs"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    cmap = plt.get_cmap("viridis")
+    lo, hi = min(epochs), max(epochs)
+    for e, row in zip(epochs, rows):
+        a.plot(range(len(row)), row, "o-", ms=2.5, lw=0.8, color=cmap(0.9 * (e - lo) / max(hi - lo, 1)))
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, lo + (hi - lo) / 0.9 if hi > lo else lo + 1))
+    fig.colorbar(sm, ax=a, label="epoch")
+    a.set_xticks(range(rows.shape[1]), [_state_name(s) for s in range(rows.shape[1])])
+    a.set_xlabel("layer")
+    a.set_ylabel("inner loss (nats)")
+    a.set_title(f"(a) inner loss across layers and epochs, {split} tokens", fontsize=9)
+    outer = result["outer_loss"]
+    if outer.get(split):
+        b.plot(outer["epoch"], outer[split], "-", color="black", label=f"{split} loss (outer)")
+    b.set_xlabel("epoch")
+    b.set_ylabel("loss (nats)")
+    b.set_title("(b) outer loss along training", fontsize=9)
+    b.legend(fontsize=8)
+    fig.suptitle(f"Bi-level optimisation (cf. paper {figure})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _norms_figure(result: dict, path: Path) -> None:
+    plt = _plt()
+    epochs, rows = result["epochs"], result["norms"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, style, name in (("with_last_layer", "-", "all layers"), ("without_last_layer", ":", "last layer excluded")):
+        ax.plot(epochs, [r[key]["pair_percent"] for r in rows], "o" + style, ms=2.5, color="tab:blue",
+                label=f"pair acc ({name})")
+        ax.plot(epochs, [r[key]["sequence_percent"] for r in rows], "s" + style, ms=2.5, color="tab:orange",
+                label=f"sequence acc ({name})")
+    w = rows[0]["with_last_layer"]
+    ax.axhline(50.0, color="tab:blue", ls="--", lw=0.8, label="pair null 50%")
+    ax.axhline(w["null_sequence_percent"], color="tab:orange", ls="--", lw=0.8,
+               label=f"sequence null 2^-{w['pairs']} = {w['null_sequence_percent']:.2f}%")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("non-decreasing norms (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title(f"Non-decreasing norm trajectories along training, {rows[0]['tokens']} validation tokens "
+                 "(cf. paper Fig. 6)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figures(result: dict, out: Path) -> dict:
+    files = {}
+    if "fields" in result.get("attention", {}):
+        for label in LABELS:
+            files[f"attention_{label}"] = f"attention_{label}.png"
+            _attention_figure(result, label, out / files[f"attention_{label}"])
+    if "clustering" in result:
+        files["clustering_f1"] = "clustering_f1.png"
+        _clustering_figure(result, [("validation", "f1")], out / files["clustering_f1"],
+                           "KMeans clustering of the query token, validation set, F1 (cf. paper Fig. 1)")
+        files["clustering_all"] = "clustering_all.png"
+        _clustering_figure(result, [(s, m) for s in ("train", "validation") for m in METRICS],
+                           out / files["clustering_all"], "KMeans clustering, train and validation, F1 / ARI / AMI "
+                           "(cf. paper Fig. 9)")
+    if "inner_loss" in result:
+        for split, figure in (("train", "Fig. 2"), ("validation", "Fig. 11")):
+            files[f"inner_loss_{split}"] = f"inner_loss_{split}.png"
+            _loss_figure(result, split, out / files[f"inner_loss_{split}"], figure)
+    if result.get("norms"):
+        files["norms"] = "norms.png"
+        _norms_figure(result, out / files["norms"])
+    return files
+
+
+def _row(values, fmt="{:.3f}") -> str:
+    return " | ".join("—" if v is None else fmt.format(v) for v in values)
+
+
+def markdown(result: dict, files: dict) -> str:
+    cfg, epochs, layers = result["preset_config"], result["epochs"], result["layers"]
+    states = list(range(layers + 1))
+    lines = [
+        f"# metaclm analyze: {result['run']}",
+        "",
+        f"Run: {layers} layers, {cfg['n_head']} heads, hidden {cfg['n_embd']}, FFN {cfg['n_inner']}, {cfg['optimizer']} "
+        f"lr {cfg['lr']}, {cfg['epochs']} epochs, data `{cfg['data_setting']}` ({result['counts']['train']} train / "
+        f"{result['counts']['validation']} validation sequences). Analysed checkpoints: {len(epochs)} "
+        f"(epochs {epochs[0]}..{epochs[-1]}). Wall time {result['seconds']['total']:.1f} s "
+        f"(forward {result['seconds']['forward']:.1f} s, clustering {result['seconds']['clustering']:.1f} s, attention "
+        f"{result['seconds']['attention']:.1f} s).",
+        "",
+        "## The paper's claims on this run",
+        "",
+        "A claim is *reproduced* when all of its checks pass, *partly reproduced* when at least half pass. "
+        "Early/late = mean over the first/last quarter of the analysed checkpoints.",
+        "",
+    ]
+    for c in result["claims"]:
+        lines += [f"- **{c['figure']}: {c['verdict']}.** {c['claim']}"]
+        lines += [f"  - {'pass' if ch['passed'] else 'FAIL'}: {ch['what']}" for ch in c["checks"]]
+    lines += ["", "## Choices", ""] + [f"- **{k.replace('_', ' ')}.** {' '.join(v.split())}"
+                                       for k, v in result["choices"].items()]
+    att = result.get("attention")
+    if att is not None:
+        lines += ["", "## Attention over the history (Figures 3 and 10)", ""]
+        if "fields" not in att:
+            lines.append(f"Not run: {att['skipped']}.")
+        else:
+            lines += [f"Top-{att['k']} / last-{att['k']} same-label percentage at the last checkpoint (epoch "
+                      f"{att['epochs'][-1]}, {att['limits'][-1]:,} history rows); chance in the last column.", "",
+                      "| label | module | side | " + " | ".join(f"L{l + 1}" for l in range(layers)) + " | chance |",
+                      "|---|---|---|" + "---|" * (layers + 1)]
+            for label in LABELS:
+                for kind, module in MODULES.items():
+                    for side in ("top", "last"):
+                        vals = [att["fields"][f"{kind}_in.{l}"][label][side][-1] for l in range(layers)]
+                        lines.append(f"| {LABEL_NAMES[label]} | {module} | {side} | {_row(vals, '{:.1f}')} | "
+                                     f"{att['chance'][label][-1]:.1f} |")
+            lines += [""] + [f"![{LABEL_NAMES[l]}]({files['attention_' + l]})" for l in LABELS]
+    if "clustering" in result:
+        lines += ["", "## Clustering (Figures 1 and 9)", "", "F1 / ARI / AMI at the last checkpoint per state "
+                  "(emb = embedding output, Ll = block l's output).", "",
+                  "| split | label | metric | " + " | ".join(_state_name(s) for s in states) + " |",
+                  "|---|---|---|" + "---|" * len(states)]
+        for split, by_label in result["clustering"]["scores"].items():
+            for label, metrics in by_label.items():
+                for metric in METRICS:
+                    lines.append(f"| {split} | {LABEL_NAMES[label]} | {metric.upper()} | {_row(metrics[metric][-1])} |")
+        lines += ["", f"![F1]({files['clustering_f1']})", "", f"![all]({files['clustering_all']})"]
+    if "inner_loss" in result:
+        lines += ["", "## Inner loss (Figures 2 and 11)", "",
+                  "| split | epoch | " + " | ".join(_state_name(s) for s in states) + " |",
+                  "|---|---|" + "---|" * len(states)]
+        shown = sorted({0, len(epochs) // 2, len(epochs) - 1})
+        for split, rows in result["inner_loss"].items():
+            lines += [f"| {split} | {epochs[i]} | {_row(rows[i])} |" for i in shown]
+        lines += ["", f"![train]({files['inner_loss_train']})", "", f"![validation]({files['inner_loss_validation']})"]
+    if result.get("norms"):
+        first, last = result["norms"][0], result["norms"][-1]
+        lines += ["", "## Norm trajectories (Figure 6)", "", "| epoch | pair % | sequence % | pair % (no last layer) | "
+                  "sequence % (no last layer) |", "|---|---|---|---|---|"]
+        for e, r in ((epochs[0], first), (epochs[-1], last)):
+            w, wo = r["with_last_layer"], r["without_last_layer"]
+            lines.append(f"| {e} | {w['pair_percent']:.1f} | {w['sequence_percent']:.1f} | {wo['pair_percent']:.1f} | "
+                         f"{wo['sequence_percent']:.1f} |")
+        lines += ["", f"Null: pair 50%, sequence {last['with_last_layer']['null_sequence_percent']:.2f}% "
+                  f"({last['with_last_layer']['pairs']} pairs).", "", f"![norms]({files['norms']})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, out_dir) -> dict:
+    """analysis.json, the PNG figures and summary.md in ``out_dir``; returns {name: file}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = figures(result, out)
+    result = {**result, "files": files}
+    (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "summary.md").write_text(markdown(result, files))
+    return {**files, "json": "analysis.json", "summary": "summary.md"}

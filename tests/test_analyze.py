@@ -1,0 +1,243 @@
+"""metaclm analyze: attention over the history, clustering, inner loss, norms and the claim verdicts."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metaclm_ext import data
+from metaclm_ext.analyze import attention, claims, clustering
+from metaclm_ext.analyze.forward import forward_split, lens_model, query_positions
+from metaclm_ext.analyze.run import AnalyzeConfig, analyze_run
+from metaclm_ext.cli import main
+from metaclm_ext.record import COLUMNS
+from metaclm_ext.reference import history_topk_reference
+from metaclm_ext.store import HistoryStore, HistoryWriter
+from metaclm_ext.train import evaluate, load_checkpoint, load_run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("analyze") / "tiny"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--record-history", "--no-progress"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def analysis(tiny_run):
+    return analyze_run(tiny_run, AnalyzeConfig(), progress=False)
+
+
+# --- the query token and the forward pass -------------------------------------------------------------
+
+def test_query_is_the_last_letter_with_a_letter_next():
+    rows = [{"id": 0, "seed": 0, "text": "abcdefgh"}, {"id": 1, "seed": 1, "text": "zyxwvutsrq"}]
+    pos = query_positions(rows)
+    for r, p in zip(rows, pos.tolist()):
+        ids = data.encode(r["text"])
+        assert ids[p] == data.encode(r["text"][-2])[1]          # the token is the second-to-last letter
+        assert ids[p + 1] == data.encode(r["text"][-1])[1]      # its next token is the last letter, not <eos>
+
+
+def test_forward_states_match_the_model(tiny_run):
+    run = load_run(tiny_run)
+    model = load_checkpoint(tiny_run)
+    rows = run.data["validation"][:5]
+    stats = forward_split(lens_model(model), rows, batch_size=2)
+    from metaclm_ext.train import make_batch
+
+    b = make_batch(rows)
+    with torch.no_grad():
+        hidden = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True).hidden_states
+    pos = query_positions(rows)
+    at = torch.arange(len(rows))
+    for s in range(len(hidden) - 1):  # transformers' last hidden state is ln_f(output); ours is the raw output
+        torch.testing.assert_close(stats.query_states[:, s], hidden[s][at, pos], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.transformer.ln_f(stats.query_states[:, -1]), hidden[-1][at, pos],
+                               rtol=1e-5, atol=1e-5)
+    assert stats.norms.shape == (sum(len(r["text"]) + 1 for r in rows), len(hidden))
+    assert bool((stats.next_token >= 2).all()), "a query's next token must be a letter"
+    assert set(stats.cproj_inputs) == {f"{k}_in.{l}" for k in ("attn", "mlp") for l in range(6)}
+    assert stats.cproj_inputs["mlp_in.0"].shape == (5, 128)
+
+
+def test_inner_loss_of_the_last_layer_is_the_model_loss(tiny_run, analysis):
+    run = load_run(tiny_run)
+    assert analysis["epochs"] == run.epochs == [0, 1, 2, 3]
+    for i, epoch in enumerate(run.epochs):
+        want = run.losses["validation"][epoch - 1] if epoch else evaluate(load_checkpoint(tiny_run, 0),
+                                                                         run.data["validation"], torch.device("cpu"))
+        assert analysis["inner_loss"]["validation"][i][-1] == pytest.approx(want, rel=1e-5)
+        assert len(analysis["inner_loss"]["train"][i]) == 7
+
+
+# --- attention over the history -------------------------------------------------------------------
+
+def _hand_store(path, heads=2):
+    """Epoch 1: 12 rows of seed 0 pointing along dims 0..; epochs 2-3: 12 rows each of seeds 0 and 1, seed 1
+    pointing along its own dims. A seed-1 query at epoch 1 can only find seed-0 rows (all score 0)."""
+    width = 4 * heads
+    rows, seeds, epochs = [], [], []
+    for epoch, seed_list in ((1, [0] * 12), (2, [0, 1] * 12), (3, [0, 1] * 12)):
+        for s in seed_list:
+            v = torch.zeros(width)
+            v[s::4] = 1.0 + 0.01 * len(rows)  # seed s lives on dims s, s+4, ... (every head); later rows score higher
+            rows.append(v)
+            seeds.append(s)
+            epochs.append(epoch)
+    n = len(rows)
+    cols = {c: np.zeros(n, dtype=np.int64) for c in COLUMNS}
+    cols.update(seed=np.array(seeds), epoch=np.array(epochs), next_token=np.array(seeds) + 2,
+                seed_next_token=np.array(seeds) * 28 + np.array(seeds) + 2)
+    with HistoryWriter.create(path, {"attn_in.0": (width, "float32")}, {c: "int64" for c in COLUMNS}) as w:
+        w.append({"attn_in.0": torch.stack(rows), **cols})
+    return HistoryStore(path)
+
+
+def test_history_attention_respects_each_checkpoints_history(tmp_path):
+    store = _hand_store(tmp_path / "h")
+    limits_by_epoch = attention.epoch_limits(store.read("epoch"), [1, 2, 3])
+    assert limits_by_epoch == {1: 12, 2: 36, 3: 60}
+    q = torch.zeros(2, 8)
+    q[1, 1::4] = 1.0                       # query 1 is seed 1; query 0 (all zeros) scores everything 0
+    q[0, 0::4] = 1.0                       # query 0 is seed 0
+    queries = q.repeat(3, 1)               # the same two queries at epochs 1, 2, 3
+    groups = np.repeat(np.arange(3), 2)
+    limits = np.repeat([12, 36, 60], 2)
+    labels = attention.query_labels(torch.tensor([0, 1] * 3), torch.tensor([2, 3] * 3), 28)
+    res = attention.history_attention(store, {"attn_in.0": queries}, labels, limits, groups, 3, heads=2, k=5,
+                                      progress=False)
+    seed = res["fields"]["attn_in.0"]["seed"]
+    # epoch 1: seed 0 finds seed-0 rows (100%), seed 1 finds only seed-0 rows (0%): 50% over both queries.
+    # epochs 2-3: each query's top-5 are its own seed's rows (100%); last-5 are the other seed's (0%).
+    assert seed["top"] == [50.0, 100.0, 100.0]
+    assert seed["last"] == [50.0, 0.0, 0.0]
+    want_chance = [100 * (12 / 12 + 0 / 12) / 2, 100 * (24 / 36 + 12 / 36) / 2, 100 * (36 / 60 + 24 / 60) / 2]
+    assert res["chance"]["seed"] == pytest.approx(want_chance)
+
+
+def test_same_label_percent_ignores_missing_rows():
+    idx = torch.tensor([[[0, 1, -1]], [[2, -1, -1]]])              # [Q=2, H=1, k=3]
+    got = attention.same_label_percent(idx, np.array([5, 6, 5]), np.array([5, 5]), np.array([0, 0]), 1)
+    assert got.tolist() == [100.0 * 2 / 3]
+
+
+def test_analysis_attention_matches_the_reference(tiny_run, analysis):
+    """Recompute every field's percentages with the plain-PyTorch history_topk twin on the whole store."""
+    run = load_run(tiny_run)
+    store = HistoryStore(run.history)
+    att = analysis["attention"]
+    assert att["epochs"] == [1, 2, 3] and att["history_rows"] == len(store)
+    epoch_col = store.read("epoch")
+    assert att["limits"] == [int((epoch_col <= e).sum()) for e in (1, 2, 3)]
+    hist_labels = {name: store.read(name) for name in attention.LABELS}
+    n_queries = len(run.data["validation"])
+    for i, epoch in enumerate(att["epochs"]):
+        stats = forward_split(lens_model(load_checkpoint(tiny_run, epoch)), run.data["validation"])
+        labels = attention.query_labels(stats.seed, stats.next_token, 28)
+        for field, per_label in att["fields"].items():
+            heads = 8 if field.startswith("attn") else 1
+            ref = history_topk_reference(stats.cproj_inputs[field], store.read_tensor(field), k=10,
+                                         limit=att["limits"][i], heads=heads)
+            one_row = 100.0 / (n_queries * heads * 10)   # a near-tie may flip at most one selected row
+            for name in attention.LABELS:
+                for side, sel in (("top", ref.top), ("last", ref.last)):
+                    want = attention.same_label_percent(sel.indices, hist_labels[name], labels[name],
+                                                        np.zeros(n_queries, dtype=np.int64), 1)[0]
+                    assert abs(per_label[name][side][i] - want) <= one_row + 1e-9, (field, name, side, epoch)
+
+
+# --- clustering ------------------------------------------------------------------------------------
+
+def test_matched_f1_by_hand():
+    assert clustering.matched_f1(np.array([0, 0, 1, 1, 2]), np.array([7, 7, 3, 3, 5])) == 1.0
+    # table [[2, 0], [1, 1]]: label 0 <-> cluster 0 (F1 4/5), label 1 <-> cluster 1 (F1 2/3)
+    assert clustering.matched_f1(np.array([0, 0, 1, 1]), np.array([0, 0, 0, 1])) == pytest.approx((0.8 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="equal-length"):
+        clustering.matched_f1(np.array([0, 1]), np.array([0]))
+
+
+def test_cluster_scores_on_separated_and_on_random_points():
+    gen = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 25)
+    centres = gen.normal(size=(4, 16)) * 20
+    good = clustering.cluster_scores(centres[labels] + gen.normal(size=(100, 16)), labels)
+    assert good == {"k": 4, "f1": 1.0, "ari": pytest.approx(1.0), "ami": pytest.approx(1.0)}
+    noise = clustering.cluster_scores(gen.normal(size=(100, 16)), labels)
+    assert noise["ari"] < 0.1 and noise["ami"] < 0.1 and noise["f1"] < 0.6
+    assert clustering.cluster_scores(gen.normal(size=(5, 3)), np.zeros(5, dtype=int))["f1"] is None
+
+
+# --- claims ----------------------------------------------------------------------------------------
+
+def test_verdict_rule_and_claim_texts():
+    C = claims.Check
+    assert claims.verdict([C("a", True), C("b", True)]) == claims.REPRODUCED
+    assert claims.verdict([C("a", True), C("b", False)]) == claims.PARTLY
+    assert claims.verdict([C("a", True), C("b", False), C("c", False)]) == claims.NOT
+    assert claims.verdict([]) == claims.UNTESTED
+    assert claims.paper_claim("Fig 6").startswith("Fig 6: pair- and sequence-level")
+    assert claims.early_late([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]) == (1.5, 7.5)
+
+
+def test_claim_checks_follow_the_numbers():
+    rising = {"epochs": [1, 2, 3, 4], "outer_loss": {"train": [4.0, 3.0, 2.0, 1.0], "validation": [4.0, 3.5, 3.0, 2.5]},
+              "inner_loss": {"train": [[5.0, 4.0, 3.0]] * 3 + [[3.0, 2.0, 1.0]]}}
+    got = {c["id"]: c["verdict"] for c in claims.judge(rising)}
+    assert got["outer_loss"] == got["inner_loss"] == claims.REPRODUCED
+    assert got["attention"] == got["clustering"] == got["norms"] == claims.UNTESTED
+    falling = {**rising, "outer_loss": {"train": [1.0, 2.0, 3.0, 4.0]}, "inner_loss": {"train": [[1.0, 2.0, 3.0]] * 4}}
+    got = {c["id"]: c["verdict"] for c in claims.judge(falling)}
+    assert got["outer_loss"] == got["inner_loss"] == claims.NOT
+
+
+def test_analysis_judges_every_claim(analysis):
+    assert [c["figure"] for c in analysis["claims"]] == ["Fig 1/9", "Fig 2a/11a", "Fig 2b/11b", "Fig 3/10", "Fig 6"]
+    for c in analysis["claims"]:
+        assert c["verdict"] in (claims.REPRODUCED, claims.PARTLY, claims.NOT) and c["checks"]
+    norms = analysis["norms"][-1]["with_last_layer"]
+    assert norms["pairs"] == 6 and norms["null_sequence_percent"] == pytest.approx(100 / 64)
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def test_cli_writes_json_figures_and_summary(tiny_run, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["analyze", str(tiny_run), "--out", str(out), "--every", "2", "--no-progress"]) == 0
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["epochs"] == [0, 2, 3]                     # every 2nd checkpoint and the last
+    for name in ("attention_seed", "attention_seed_next_token", "attention_next_token", "clustering_f1",
+                 "clustering_all", "inner_loss_train", "inner_loss_validation", "norms"):
+        png = out / result["files"][name]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    for figure in ("Fig 1/9", "Fig 2a/11a", "Fig 2b/11b", "Fig 3/10", "Fig 6"):
+        assert f"**{figure}: " in summary
+    assert "second-to-last letter" in summary and "ln_f" in summary
+    assert "Fig 3/10" in capsys.readouterr().out
+
+
+def test_cli_without_history(tmp_path, capsys):
+    run = tmp_path / "nohist"
+    assert main(["train", "--preset", "tiny", "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    assert main(["analyze", str(run), "--no-progress"]) == 2
+    assert "--record-history" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--parts", "inner_loss,norms", "--no-progress"]) == 0
+    result = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert "attention" not in result and "clustering" not in result and len(result["norms"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0,99"], "no checkpoint for epochs [99]"),
+    (["--parts", "attention,colour"], "parts must be"),
+    (["--k", "0"], "k must be >= 1"),
+    (["--every", "0"], "--every must be >= 1"),
+])
+def test_cli_bad_input(tiny_run, tmp_path, capsys, args, message):
+    assert main(["analyze", str(tiny_run), "--out", str(tmp_path / "x"), "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_not_a_run(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path), "--no-progress"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
