@@ -9,8 +9,6 @@ whose label equals the query's, aggregated over heads and queries.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -40,7 +38,7 @@ def same_label_percent(indices: torch.Tensor, history_labels: np.ndarray, labels
 
     indices [Q, H, k] (-1 = no row), history_labels [N], labels [Q], groups [Q] in [0, num_groups).
     """
-    idx = indices.numpy()
+    idx = indices.cpu().numpy()
     valid = idx >= 0
     match = (history_labels[np.where(valid, idx, 0)] == labels[:, None, None]) & valid
     hits = np.bincount(groups, weights=match.sum((1, 2)), minlength=num_groups)
@@ -63,22 +61,21 @@ def chance_percent(history_labels: np.ndarray, limits: np.ndarray, labels: np.nd
 
 def history_attention(store, queries: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
                       limits: np.ndarray, groups: np.ndarray, num_groups: int, heads: int, k: int = 10,
-                      progress: bool = True, chunk_rows: Optional[int] = None) -> dict:
+                      progress: bool = True) -> dict:
     """Same-label percentages of the top-k and last-k history rows, per field, label and group.
 
     ``queries`` maps a store field ("attn_in.l" / "mlp_in.l") to [Q, width] query vectors; attention fields
     are scored per head (``heads`` heads), FFN fields as one vector. Returns
     {"fields": {field: {label: {"top": [G], "last": [G]}}}, "chance": {label: [G]}}.
     """
-    lim = torch.as_tensor(limits, dtype=torch.int64)
     history_labels = {name: store.read(name) for name in LABELS}
     out = {"fields": {}, "chance": {name: chance_percent(history_labels[name], limits, labels[name], groups,
                                                          num_groups).tolist() for name in LABELS}}
     for field, q in tqdm(queries.items(), desc="attention over history", unit="field", disable=not progress):
         if field not in store:
             raise ValueError(f"the history store {store.path} has no field {field!r} (has {sorted(store.fields)})")
-        res = history_topk(q, store[field], k=k, limit=lim, heads=heads if field.startswith("attn") else 1,
-                           chunk_rows=chunk_rows)
+        res = history_topk(q, store[field], k=k, limit=torch.as_tensor(limits, device=q.device),
+                           heads=heads if field.startswith("attn") else 1)
         out["fields"][field] = {
             name: {side: same_label_percent(sel.indices, history_labels[name], labels[name], groups,
                                             num_groups).tolist()

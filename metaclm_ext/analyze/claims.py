@@ -100,6 +100,11 @@ def outer_loss_checks(result: dict) -> list[Check]:
     return checks
 
 
+def _pair_name(field: str) -> str:
+    kind, layer = field.split("_in.")
+    return f"{'MHSA' if kind == 'attn' else 'FFN'} L{int(layer) + 1}"
+
+
 def attention_checks(result: dict) -> list[Check]:
     att = result.get("attention", {})
     if "fields" not in att or len(att["epochs"]) < 2:
@@ -107,18 +112,20 @@ def attention_checks(result: dict) -> list[Check]:
     checks = []
     for label in TREND_LABELS:
         chance = att["chance"][label][-1]
-        top_ok = last_ok = 0
-        fields = att["fields"]
-        for per_label in fields.values():
+        top_ok, last_ok = [], []
+        for field, per_label in att["fields"].items():
             top, last = per_label[label]["top"], per_label[label]["last"]
             (top_early, top_late), (last_early, last_late) = early_late(top), early_late(last)
-            top_ok += top[-1] > chance and top_late > top_early
-            last_ok += last[-1] < chance and last_late < last_early
-        n = len(fields)
-        checks.append(Check(f"{label}: top-{att['k']} above chance ({chance:.1f}%) at the last checkpoint and rising "
-                            f"in {top_ok} of {n} layer/module pairs (most needed)", 2 * top_ok > n))
-        checks.append(Check(f"{label}: last-{att['k']} below chance and falling in {last_ok} of {n} layer/module pairs "
-                            "(most needed)", 2 * last_ok > n))
+            if top[-1] > chance and top_late > top_early:
+                top_ok.append(_pair_name(field))
+            if last[-1] < chance and last_late < last_early:
+                last_ok.append(_pair_name(field))
+        n = len(att["fields"])
+        checks.append(Check(f"{label}: top-{att['k']} above chance ({chance:.1f}%) at the last checkpoint and rising with "
+                            f"training in {len(top_ok)} of {n} layers/modules (most needed): {', '.join(top_ok) or 'none'}",
+                            2 * len(top_ok) > n))
+        checks.append(Check(f"{label}: last-{att['k']} below chance and falling in {len(last_ok)} of {n} layers/modules "
+                            f"(most needed): {', '.join(last_ok) or 'none'}", 2 * len(last_ok) > n))
     return checks
 
 

@@ -22,6 +22,13 @@ def _plt():
     return plt
 
 
+def _epoch_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+
+
 def _state_colors(n: int):
     return _plt().get_cmap("viridis")(np.linspace(0, 0.9, n))
 
@@ -46,8 +53,7 @@ def _attention_figure(result: dict, label: str, path: Path) -> None:
             ax.plot(epochs, chance, "k--", lw=1, label="chance")
             ax.set_title(f"{module}: {side}-{att['k']} attended", fontsize=9)
             ax.set_ylabel(f"same {LABEL_NAMES[label]} (%)")
-            if row == 1:
-                ax.set_xlabel("epoch")
+            _epoch_axis(ax)
     axes[0, 0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"Attention over the history, ground truth: {LABEL_NAMES[label]} (cf. paper {FIGURE_OF_LABEL[label]})\n"
                  f"{att['queries_per_epoch']} validation queries per checkpoint, {att['history_rows']:,} history rows",
@@ -72,8 +78,7 @@ def _clustering_figure(result: dict, rows: list[tuple[str, str]], path: Path, ti
             k = result["clustering"]["k"].get(f"{split}/{label}")
             ax.set_title(f"{split}: {LABEL_NAMES[label]} (k={k})", fontsize=9)
             ax.set_ylabel(metric.upper())
-            if r == len(rows) - 1:
-                ax.set_xlabel("epoch")
+            _epoch_axis(ax)
     axes[0, 0].legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -98,7 +103,7 @@ def _loss_figure(result: dict, split: str, path: Path, figure: str) -> None:
     outer = result["outer_loss"]
     if outer.get(split):
         b.plot(outer["epoch"], outer[split], "-", color="black", label=f"{split} loss (outer)")
-    b.set_xlabel("epoch")
+    _epoch_axis(b)
     b.set_ylabel("loss (nats)")
     b.set_title("(b) outer loss along training", fontsize=9)
     b.legend(fontsize=8)
@@ -121,7 +126,7 @@ def _norms_figure(result: dict, path: Path) -> None:
     ax.axhline(50.0, color="tab:blue", ls="--", lw=0.8, label="pair null 50%")
     ax.axhline(w["null_sequence_percent"], color="tab:orange", ls="--", lw=0.8,
                label=f"sequence null 2^-{w['pairs']} = {w['null_sequence_percent']:.2f}%")
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.set_ylabel("non-decreasing norms (%)")
     ax.set_ylim(0, 102)
     ax.set_title(f"Non-decreasing norm trajectories along training, {rows[0]['tokens']} validation tokens "

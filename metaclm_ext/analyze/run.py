@@ -87,40 +87,36 @@ def analyze_run(run_dir, cfg: AnalyzeConfig = AnalyzeConfig(), progress: bool = 
     if "attention" in cfg.parts:
         store = _open_history(run)
     seconds = {"forward": 0.0, "clustering": 0.0, "attention": 0.0}
-    inner = {s: [] for s in SPLITS}
-    norm_rows, cluster = [], {s: {name: {m: [] for m in clustering.METRICS} for name in attention.LABELS}
-                              for s in SPLITS}
-    cluster_k = {}
+    splits = SPLITS if {"clustering", "inner_loss"} & set(cfg.parts) else ("validation",)
+    inner = {s: [] for s in splits}
+    norm_rows: list[dict] = []
+    cluster = {s: {name: {m: [] for m in clustering.METRICS} for name in attention.LABELS} for s in SPLITS}
+    cluster_k: dict[str, int] = {}
     queries: dict[str, list] = {}
     query_epochs: list[int] = []
-    val_labels = None
     for epoch in tqdm(epochs, desc="checkpoints", unit="ckpt", disable=not progress):
         t = time.perf_counter()
         lm = lens_model(load_checkpoint(run.path, epoch, str(device)))
-        stats = {s: forward_split(lm, run.data[s], cfg.batch_size) for s in SPLITS}
+        stats = {s: forward_split(lm, run.data[s], cfg.batch_size) for s in splits}
         seconds["forward"] += time.perf_counter() - t
-        for s in SPLITS:
+        for s in splits:
             inner[s].append(stats[s].inner_loss.tolist())
         if "norms" in cfg.parts:
             norm_rows.append(_norm_summary(stats["validation"].norms))
         if "clustering" in cfg.parts:
             t = time.perf_counter()
             for s in SPLITS:
-                labels = attention.query_labels(stats[s].seed, stats[s].next_token, vocab)
-                points = stats[s].query_states.numpy()
-                for name, y in labels.items():
-                    per_state = [clustering.cluster_scores(points[:, state], y, n_init=cfg.kmeans_init, seed=cfg.seed)
-                                 for state in range(points.shape[1])]
+                for name, per_state in _cluster_states(stats[s], vocab, cfg).items():
                     cluster_k[f"{s}/{name}"] = per_state[0]["k"]
                     for m in clustering.METRICS:
                         cluster[s][name][m].append([r[m] for r in per_state])
             seconds["clustering"] += time.perf_counter() - t
-        val = stats["validation"]
-        val_labels = attention.query_labels(val.seed, val.next_token, vocab)
         if store is not None and epoch > 0:  # epoch 0 (the initialisation) has no history yet
             query_epochs.append(epoch)
-            for field, x in val.cproj_inputs.items():
+            for field, x in stats["validation"].cproj_inputs.items():
                 queries.setdefault(field, []).append(x)
+    val = stats["validation"]
+    val_labels = attention.query_labels(val.seed, val.next_token, vocab)  # the same rows at every checkpoint
 
     result = {
         "run": str(run.path), "preset_config": dataclasses.asdict(run.config),
@@ -139,11 +135,19 @@ def analyze_run(run_dir, cfg: AnalyzeConfig = AnalyzeConfig(), progress: bool = 
         result["clustering"] = {"scores": cluster, "k": cluster_k}
     if "attention" in cfg.parts:
         t = time.perf_counter()
-        result["attention"] = _attention(run, store, queries, query_epochs, val_labels, cfg, progress)
+        result["attention"] = _attention(run, store, queries, query_epochs, val_labels, cfg, device, progress)
         seconds["attention"] = time.perf_counter() - t
     result["seconds"] = {**seconds, "total": time.perf_counter() - started}
     result["claims"] = judge(result)
     return result
+
+
+def _cluster_states(stats, vocab: int, cfg: AnalyzeConfig) -> dict[str, list[dict]]:
+    """{label: [scores of state 0..L]}: one KMeans per ground truth and state of the query token."""
+    points = stats.query_states.numpy()
+    return {name: [clustering.cluster_scores(points[:, state], y, n_init=cfg.kmeans_init, seed=cfg.seed)
+                   for state in range(points.shape[1])]
+            for name, y in attention.query_labels(stats.seed, stats.next_token, vocab).items()}
 
 
 def _open_history(run):
@@ -161,7 +165,7 @@ def _open_history(run):
 
 
 def _attention(run, store, queries: dict, query_epochs: list[int], labels: dict, cfg: AnalyzeConfig,
-               progress: bool) -> dict:
+               device, progress: bool) -> dict:
     if not query_epochs:
         return {"skipped": "no checkpoint after epoch 0 was analysed (the initialisation has no history)"}
     limits_by_epoch = attention.epoch_limits(store.read("epoch"), query_epochs)
@@ -172,7 +176,8 @@ def _attention(run, store, queries: dict, query_epochs: list[int], labels: dict,
         raise ValueError(f"epoch {query_epochs[int(np.argmin(limits)) // n]} has only {int(limits.min())} history "
                          f"rows, fewer than k = {cfg.k}")
     tiled = {name: np.tile(y, len(query_epochs)) for name, y in labels.items()}
-    stacked = {field: torch.cat(xs) for field, xs in queries.items()}
+    # On a CUDA device the kernels run there and stream the store through pinned buffers.
+    stacked = {field: torch.cat(xs).to(device) for field, xs in queries.items()}
     res = attention.history_attention(store, stacked, tiled, limits, groups, len(query_epochs),
                                       heads=run.config.n_head, k=cfg.k, progress=progress)
     return {"k": cfg.k, "epochs": query_epochs, "limits": [limits_by_epoch[e] for e in query_epochs],
