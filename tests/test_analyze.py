@@ -177,7 +177,8 @@ def test_verdict_rule_and_claim_texts():
     assert claims.verdict([C("a", True), C("b", False), C("c", False)]) == claims.NOT
     assert claims.verdict([]) == claims.UNTESTED
     assert claims.paper_claim("Fig 6").startswith("Fig 6: pair- and sequence-level")
-    assert claims.early_late([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]) == (1.5, 7.5)
+    assert claims.early_late([float(v) for v in range(1, 21)]) == (1.5, 19.5)   # tenths: 2 of 20 each
+    assert claims.early_late([1.0, 2.0, 3.0]) == (1.0, 3.0)
 
 
 def test_claim_checks_follow_the_numbers():

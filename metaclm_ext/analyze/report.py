@@ -181,7 +181,7 @@ def markdown(result: dict, files: dict) -> str:
         "## The paper's claims on this run",
         "",
         "A claim is *reproduced* when all of its checks pass, *partly reproduced* when at least half pass. "
-        "Early/late = mean over the first/last quarter of the analysed checkpoints.",
+        "Early/late = mean over the first/last tenth of the analysed checkpoints.",
         "",
     ]
     for c in result["claims"]:
