@@ -33,6 +33,12 @@ def _state_colors(n: int):
     return _plt().get_cmap("viridis")(np.linspace(0, 0.9, n))
 
 
+def _legend_below(fig, ax, ncol: int) -> None:
+    """One legend for all panels, under them, so it hides no data."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+
+
 def _state_name(s: int) -> str:
     return "emb" if s == 0 else f"L{s}"
 
@@ -54,11 +60,10 @@ def _attention_figure(result: dict, label: str, path: Path) -> None:
             ax.set_title(f"{module}: {side}-{att['k']} attended", fontsize=9)
             ax.set_ylabel(f"same {LABEL_NAMES[label]} (%)")
             _epoch_axis(ax)
-    axes[0, 0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"Attention over the history, ground truth: {LABEL_NAMES[label]} (cf. paper {FIGURE_OF_LABEL[label]})\n"
                  f"{att['queries_per_epoch']} validation queries per checkpoint, {att['history_rows']:,} history rows",
                  fontsize=10)
-    fig.tight_layout()
+    _legend_below(fig, axes[0, 0], layers + 1)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -68,7 +73,7 @@ def _clustering_figure(result: dict, rows: list[tuple[str, str]], path: Path, ti
     scores, epochs = result["clustering"]["scores"], result["epochs"]
     states = result["layers"] + 1
     colors = _state_colors(states)
-    fig, axes = plt.subplots(len(rows), len(LABELS), figsize=(12, 2.6 * len(rows) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(LABELS), figsize=(12, 2.6 * len(rows) + 1.2), squeeze=False)
     for r, (split, metric) in enumerate(rows):
         for c, label in enumerate(LABELS):
             ax = axes[r, c]
@@ -79,9 +84,8 @@ def _clustering_figure(result: dict, rows: list[tuple[str, str]], path: Path, ti
             ax.set_title(f"{split}: {LABEL_NAMES[label]} (k={k})", fontsize=9)
             ax.set_ylabel(metric.upper())
             _epoch_axis(ax)
-    axes[0, 0].legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    _legend_below(fig, axes[0, 0], states)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -90,12 +94,13 @@ def _loss_figure(result: dict, split: str, path: Path, figure: str) -> None:
     plt = _plt()
     rows, epochs = np.array(result["inner_loss"][split]), result["epochs"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    cmap = plt.get_cmap("viridis")
-    lo, hi = min(epochs), max(epochs)
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 0.9, 256)))  # no pale yellow end
+    norm = plt.Normalize(min(epochs), max(max(epochs), min(epochs) + 1))
     for e, row in zip(epochs, rows):
-        a.plot(range(len(row)), row, "o-", ms=2.5, lw=0.8, color=cmap(0.9 * (e - lo) / max(hi - lo, 1)))
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, lo + (hi - lo) / 0.9 if hi > lo else lo + 1))
-    fig.colorbar(sm, ax=a, label="epoch")
+        a.plot(range(len(row)), row, "o-", ms=2.5, lw=0.8, color=cmap(norm(e)))
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=norm), ax=a, label="epoch")
     a.set_xticks(range(rows.shape[1]), [_state_name(s) for s in range(rows.shape[1])])
     a.set_xlabel("layer")
     a.set_ylabel("inner loss (nats)")
