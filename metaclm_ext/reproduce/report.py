@@ -247,8 +247,8 @@ def _attention(records: dict, claims: list) -> list[str]:
         e = att["epochs"]
         lines += [f"Validation queries (one per sequence) against the {att['history_rows']:,} recorded history rows "
                   f"through `history_topk`; same-label % of the top-{att['k']} and last-{att['k']} rows, mean over the "
-                  f"12 layer/module pairs, at epochs {e[0]} and {e[-1]}. Paper: figures only; its stated chance "
-                  "baselines are 10% (seed) and ~2% (seed-next-token).", ""]
+                  f"12 layer/module pairs, at epochs {e[0]} and {e[-1]}. Paper: figures only; its chance baselines "
+                  "are stated in the claim below.", ""]
         rows = [[label, f"{v['chance'][0]:.1f} -> {v['chance'][1]:.1f}", f"{v['top'][0]:.1f} -> **{v['top'][1]:.1f}**",
                  f"{v['last'][0]:.1f} -> **{v['last'][1]:.1f}**"] for label, v in att["labels"].items()]
         lines += _table(["label", "chance %", f"top-{att['k']} %", f"last-{att['k']} %"], rows)
