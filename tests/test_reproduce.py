@@ -67,6 +67,7 @@ def test_tiny_run_does_every_stage_and_records_it(tiny):
         record = json.loads((out / "stages" / s.name / "stage.json").read_text())
         assert record["status"] == "done" and record["seconds"] > 0 and len(record["key"]) == 64
         assert record["settings"] == stage_settings("quick", tiny[1])[s.name]
+        assert record["commit"] and record["machine"]["cores"] >= 1
     assert (out / "stages/train_table5/run/checkpoints/epoch_0003").is_dir()
 
 

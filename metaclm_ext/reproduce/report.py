@@ -6,54 +6,16 @@ the stand-in model or corpus named; figures are linked where their stage wrote t
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..dualform import EXACT_TOLERANCE
 from ..paper import paper_numbers, paper_numbers_path
 from .claims import PAPER_NAMES, judge_all
+from .provenance import commit, machine
 from .stages import PROBE_COLUMNS, SCALES, SETTINGS, STAGES
 
 PAPER_TABLES = {"train_table5": "table5_training_section5", "train_table6": "table6_training_section8_1"}
-
-
-# -- where and how ----------------------------------------------------------------------------------
-
-def commit() -> str:
-    """The checkout's commit (and whether it had uncommitted changes), else the package version."""
-    from .. import __version__
-
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return f"metaclm_ext {__version__} (not a git checkout)"
-    return f"{sha}{' + uncommitted changes' if dirty else ''} (metaclm_ext {__version__})"
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal"))
-        ram = f"{mem_kb / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        ram = "RAM unknown"
-    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram": ram, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": device, "load_average": list(load) if load else None}
 
 
 # -- small formatting helpers ------------------------------------------------------------------------
@@ -119,7 +81,7 @@ def _probe_setting(records: dict, stage: str) -> str:
     h = records[stage]["headline"]
     s = records[stage]["settings"]
     return (f"`{stage}`: {h['model']['description']} (stand-in for GPT-2 / LLaMa) on {h['corpus']['description']}; "
-            f"{h['counts']['sampled']} samples of {h['counts']['available_ge_10_words']} available "
+            f"{h['counts']['sampled']:,} samples of {h['counts']['available_ge_10_words']:,} available "
             f"(max_samples {s['max_samples']}), max {s['max_tokens']} tokens each")
 
 
@@ -171,7 +133,7 @@ def _table2(records: dict, paper: dict) -> list[str]:
         if records[stage]["status"] == "done":
             h = records[stage]["headline"]
             rows.append([f"trained on in `{stage}`", f"{h['train_sequences']:,} train / {h['validation_sequences']:,} "
-                         "validation", "", f"max_train_sequences {h['config']['max_train_sequences']}"])
+                         "validation", "", f"max_train_sequences {h['config']['max_train_sequences'] or 'all'}"])
     lines += _table(["data set", "ours", "paper", "note"], rows)
     return lines + ["", "Our synthetic counts are draws of 10-60 sequences per seed (Table 4's bounds) from our "
                     "exrex grammar (docs/train.md), not the paper's files."]
@@ -315,13 +277,13 @@ def _dualform(records: dict) -> list[str]:
     lines += _absent(records, "dualcheck_table5")
     if records["dualcheck_table5"]["status"] == "done":
         h = records["dualcheck_table5"]["headline"]
-        judged = ("**PASS**" if h["passed"] else "**FAIL**") if h["passed"] is not None else \
-            f"reported, not judged ({h['history_dtype']} history rounds x_t and e_t)"
+        judged = f"{'**PASS**' if h['passed'] else '**FAIL**'}, tolerance {EXACT_TOLERANCE:g}" if h["passed"] is not None \
+            else f"reported, not judged: a {h['history_dtype']} history rounds x_t and e_t"
         worst_w0 = min(r["w0_only_relative_error"] for r in h["layers"])
         lines += [f"Every c_proj of the Table 5 run at epoch {h['epoch']}, rebuilt as W0 x + b0 + sum_t e_t <x_t, x> + "
                   f"sum_t e_t from {h['history_rows']:,} history rows ({h['history_dtype']}, optimizer {h['optimizer']}): "
                   f"max relative error **{h['max_relative_error']:.2e}** over {len(h['layers'])} layer/module pairs "
-                  f"({judged}; tolerance 1e-4 for a float32 history); W0 alone is off by >= {worst_w0:.2f}. Paper: "
+                  f"({judged}); W0 alone is off by >= {worst_w0:.2f}. Paper: "
                   "an identity for SGD (no number)."]
     return lines
 
@@ -371,6 +333,15 @@ def _claims_table(claims: list) -> list[str]:
 
 # -- the whole report --------------------------------------------------------------------------------
 
+def _short(code) -> str:
+    """A stage record's commit, abbreviated: `1a2b3c4d5e6f+` (+ = uncommitted changes)."""
+    if not code:
+        return "—"
+    if "(not a git checkout)" in code:
+        return code.replace(" (not a git checkout)", "")
+    return f"`{code[:12]}{'+' if 'uncommitted' in code else ''}`"
+
+
 def _status(r: dict) -> str:
     if r["status"] == "done":
         return "done (earlier run)" if r.get("reused") else "done"
@@ -415,8 +386,9 @@ def write_report(out: Path, scale: str, cfgs: dict, records: dict, chosen: list)
         f"Wu & Varshney, arXiv 2310.05884; paper numbers from `{Path(info['paper_numbers']).name}`.",
         "",
         f"- **Command:** {command}",
-        f"- **Commit:** {info['commit']}",
-        f"- **Machine:** {m['cpu']}, {m['cores']} cores, {m['ram']}, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"- **Commit:** {info['commit']} (this report; each stage's own commit is in the table below)",
+        f"- **Machine:** {m['cpu']}, {m['cores']} cores, {m['ram']}, torch {m['torch']} with {m['torch_threads']} "
+        f"thread{'s' if m['torch_threads'] != 1 else ''}, "
         f"device {m['device']}; "
         f"load average at the end {load}",
         f"- **Written:** {info['written']}; stage wall time {run_now:.0f} s run now, {reused:.0f} s reused from earlier "
@@ -427,10 +399,10 @@ def write_report(out: Path, scale: str, cfgs: dict, records: dict, chosen: list)
         "",
         "## Stages",
         "",
-        *_table(["stage", "feeds", "status", "wall time", "key"],
+        *_table(["stage", "feeds", "status", "wall time", "key", "run at commit"],
                 [[s.name, s.what, _status(records[s.name]),
                   f"{records[s.name]['seconds']:.1f} s" if "seconds" in records[s.name] else "—",
-                  f"`{records[s.name]['key'][:12]}`"] for s in STAGES]),
+                  f"`{records[s.name]['key'][:12]}`", _short(records[s.name].get("commit"))] for s in STAGES]),
         "",
     ]
     sections = [_table1(records, paper, claims), _table2(records, paper), _table3(records, paper),

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from .provenance import commit, machine
 from .stages import SCALES, SETTINGS, STAGES, Context
 
 DONE, FAILED, SKIPPED, NOT_SELECTED = "done", "failed", "skipped", "not selected"
@@ -95,13 +96,13 @@ def _write_record(out: Path, record: dict) -> None:
     tmp.replace(folder / "stage.json")  # a killed run never leaves a half-written record
 
 
-def _run_stage(out: Path, name: str, key: str, cfg: dict, ctx: Context) -> dict:
+def _run_stage(out: Path, name: str, key: str, cfg: dict, ctx: Context, code: str) -> dict:
     folder = out / "stages" / name
     if folder.exists():
         shutil.rmtree(folder)  # stale results of another key (or of a run that died) must not mix in
     folder.mkdir(parents=True)
     record = {"name": name, "key": key, "settings": cfg, "needs": list(BY_NAME[name].needs), "status": "running",
-              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": code, "machine": machine()}
     _write_record(out, record)
     start = time.perf_counter()
     try:
@@ -132,6 +133,7 @@ def reproduce(out_dir, scale: str = "quick", only=None, settings: Optional[dict]
     out.mkdir(parents=True, exist_ok=True)
     print(f"metaclm reproduce: scale {scale}, {len(chosen)} of {len(STAGES)} stages, into {out}")
     ctx = Context({s.name: out / "stages" / s.name for s in STAGES}, progress)
+    code = commit()
     records = {}
     for name in (s.name for s in STAGES):
         key, cfg = keys[name], cfgs[name]
@@ -153,7 +155,7 @@ def reproduce(out_dir, scale: str = "quick", only=None, settings: Optional[dict]
             continue
         step = chosen.index(name) + 1
         print(f"[{step}/{len(chosen)}] {name}: start ({BY_NAME[name].what}; key {key[:12]})", flush=True)
-        record = _run_stage(out, name, key, cfg, ctx)
+        record = _run_stage(out, name, key, cfg, ctx, code)
         records[name] = record
         if record["status"] == DONE:
             print(f"[{step}/{len(chosen)}] {name}: done in {record['seconds']:.1f} s", flush=True)
