@@ -228,3 +228,19 @@ def test_script_runs_its_stages(script, tiny, tmp_path, capsys):
     assert rc == 0
     assert set(re.findall(r"^skip (\w+) \(done", printed, re.M)) == GROUPS[script]
     assert f"{len(GROUPS[script])} of {len(STAGES)} stages" in printed
+
+
+def test_a_section_that_cannot_be_written_does_not_cost_the_report(tiny, tmp_path):
+    """A stage record of another layout (here: probe numbers missing) breaks its sections only."""
+    out = _copy(tiny[0], tmp_path)
+    path = out / "stages/probe_wikipedia/stage.json"
+    record = json.loads(path.read_text())
+    del record["headline"]["norms"]
+    path.write_text(json.dumps(record))
+    assert reproduce(out, "quick", settings=tiny[1], progress=False)["failed"] == []
+    text = (out / "REPORT.md").read_text()
+    assert "## Table 1\n\n*This section could not be written: KeyError: 'norms'.*" in text
+    assert "## Figure 6: non-decreasing norms along training" in text and "## Claims" in text
+    claims = {c["figure"]: c for c in json.loads((out / "report.json").read_text())["claims"]}
+    assert claims["Table 1 / Fig 5/8"]["verdict"] == "not tested"
+    assert "could not be judged: the stage records lack 'norms'" in claims["Table 1 / Fig 5/8"]["notes"]

@@ -93,8 +93,12 @@ def judge_all(records: dict) -> list[dict]:
                 entry.update(verdict=judged[0]["verdict"], checks=judged[0]["checks"])
         elif figure in own:
             judge, stages = own[figure]
-            checks, notes = judge()
-            entry.update(stages=stages, verdict=verdict(checks), checks=[c._asdict() for c in checks], notes=notes)
+            entry["stages"] = stages
+            try:
+                checks, notes = judge()
+                entry.update(verdict=verdict(checks), checks=[c._asdict() for c in checks], notes=notes)
+            except KeyError as exc:  # a stage record of another layout
+                entry["notes"].append(f"could not be judged: the stage records lack {exc}")
         else:
             entry["stages"] = []
             entry["notes"].append("no stage of metaclm reproduce tests this claim")
