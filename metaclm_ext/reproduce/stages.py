@@ -57,7 +57,7 @@ PROBE_COLUMNS = {"probe_wikipedia": "wikitext103", "probe_news": "1bw"}  # the p
 
 
 class Context(NamedTuple):
-    """What a stage may read: the folders of the stages it needs, and whether to draw progress bars."""
+    """What a stage may read: every stage's folder (it reads those of the stages it needs), progress bars or not."""
     stage_dirs: dict
     progress: bool
 
@@ -81,26 +81,19 @@ def _data(ctx: Context, cfg: dict, out: Path) -> dict:
 def _train(ctx: Context, cfg: dict, out: Path) -> dict:
     from dataclasses import asdict
 
-    from ..train import make_config, train
+    from ..train import load_run, make_config, train
 
     cfg = dict(cfg)
     preset, record = cfg.pop("preset"), cfg.pop("record_history")
-    run = out / "run"
-    tc = make_config(preset, **cfg, data_seed=_data_seed(ctx),
-                     record_history=str((run / "history").resolve()) if record else None)
-    summary = train(tc, run, data_dir=ctx.stage_dirs["data"] / tc.data_setting, progress=ctx.progress)
-    losses = json.loads((run / "losses.json").read_text())
-    return {"config": asdict(tc), "summary": summary, "train_sequences": len(_rows(run / "data" / "train.jsonl")),
-            "validation_sequences": len(_rows(run / "data" / "validation.jsonl")),
-            "first_losses": {k: losses[k][0] for k in ("train", "validation")}}
-
-
-def _data_seed(ctx: Context) -> int:
-    return json.loads((ctx.stage_dirs["data"] / "small" / "meta.json").read_text())["rng_seed"]
-
-
-def _rows(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()]
+    run_dir = out / "run"
+    data_seed = json.loads((ctx.stage_dirs["data"] / "small" / "meta.json").read_text())["rng_seed"]
+    tc = make_config(preset, **cfg, data_seed=data_seed,
+                     record_history=str((run_dir / "history").resolve()) if record else None)
+    summary = train(tc, run_dir, data_dir=ctx.stage_dirs["data"] / tc.data_setting, progress=ctx.progress)
+    run = load_run(run_dir)
+    return {"config": asdict(tc), "summary": summary, "train_sequences": len(run.data["train"]),
+            "validation_sequences": len(run.data["validation"]),
+            "first_losses": {k: run.losses[k][0] for k in ("train", "validation")}}
 
 
 def _dualcheck(ctx: Context, cfg: dict, out: Path) -> dict:
