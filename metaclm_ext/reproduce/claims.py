@@ -16,8 +16,13 @@ ANALYZED = {"Fig 1/9": "analyze_table5", "Fig 2a/11a": "analyze_table5", "Fig 2b
             "Fig 3/10": "analyze_table5", "Fig 6": "analyze_table6"}
 
 
+def model_name(head: dict) -> str:
+    """A probe stage's model without its parenthesised details (``SmolLM2-135M-Instruct``)."""
+    return head["model"]["description"].split(" (")[0]
+
+
 def _probe_name(head: dict, stage: str) -> str:
-    return f"{head['model']['description'].split(' (')[0]} on {head['corpus']['description']} ({stage})"
+    return f"{model_name(head)} on {head['corpus']['description']} ({stage})"
 
 
 def real_lm_inner_loss_checks(probes: dict) -> list[Check]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..dualform import EXACT_TOLERANCE
 from ..paper import paper_numbers, paper_numbers_path
-from .claims import PAPER_NAMES, judge_all
+from .claims import PAPER_NAMES, judge_all, model_name
 from .provenance import commit, machine
 from .stages import PROBE_COLUMNS, SCALES, SETTINGS, STAGES
 
@@ -99,7 +99,7 @@ def _table1(records: dict, paper: dict, claims: list) -> list[str]:
             h = records[stage]["headline"]
             t1, w = h["norms"]["table1"], h["norms"]["with_last_layer"]
             lines.append(f"- {_probe_setting(records, stage)}.")
-            rows.append([f"ours: {h['model']['description'].split(' (')[0]}", f"{h['corpus']['description']}",
+            rows.append([f"ours: {model_name(h)}", f"{h['corpus']['description']}",
                          f"**{t1['sequence_percent']:.1f}**", f"**{t1['pair_percent']:.1f}**",
                          t1["pairs_per_trajectory"], f"{t1['null_sequence_percent']:.2g}",
                          f"{w['sequence_percent']:.1f} / {w['pair_percent']:.1f}"])
@@ -149,7 +149,7 @@ def _table3(records: dict, paper: dict) -> list[str]:
         lines += _absent(records, stage)
         if records[stage]["status"] == "done":
             h = records[stage]["headline"]
-            rows.append([f"ours: {h['model']['description'].split(' (')[0]}", h["corpus"]["description"],
+            rows.append([f"ours: {model_name(h)}", h["corpus"]["description"],
                          f"**{h['counts']['kept_after_loss_filter']:,}** of {h['counts']['sampled']:,}"])
         rows += [[f"paper: {model}", PAPER_NAMES[column], f"{cols[column]:,} of {total[column]:,}"]
                  for model, cols in t3.items()]
