@@ -15,10 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from metaclm_ext.probe.linear import gpt2_weights, layer_conditions
-from metaclm_ext.train import load_checkpoint, load_run, make_batch
+from metaclm_ext.probe.linear import synthetic_run
 
 
 def main(argv=None) -> int:
@@ -27,27 +24,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: the last)")
     ap.add_argument("--max-samples", type=int, default=200)
     args = ap.parse_args(argv)
-    run = load_run(args.run)
-    model = load_checkpoint(args.run, args.epoch)
-    weights = [gpt2_weights(block, model.config.n_head) for block in model.transformer.h]
-    rows = []
-    with torch.no_grad():
-        for row in run.data["validation"][: args.max_samples]:
-            b = make_batch([row])
-            hidden = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True).hidden_states
-            inputs = torch.stack(hidden[: model.config.n_layer])[:, 0]  # [L, n, d]: raw input of each block
-            rows.append({"sequence": row["id"], "layers": layer_conditions(weights, inputs)})
-    pairs = [layer for r in rows for layer in r["layers"]]
-    summary = {
-        "run": str(args.run), "epoch": args.epoch if args.epoch is not None else run.epochs[-1],
-        "samples": len(rows), "pairs": len(pairs),
-        "satisfied_percent": 100.0 * sum(p["satisfied"] for p in pairs) / len(pairs),
-        "per_layer_satisfied_percent": [
-            100.0 * sum(r["layers"][l]["satisfied"] for r in rows) / len(rows) for l in range(model.config.n_layer)],
-        "norm_ratio_ge_1_percent": 100.0 * sum(p["norm_ratio"] >= 1 for p in pairs) / len(pairs),
-    }
+    summary = synthetic_run(args.run, args.epoch, args.max_samples)
     out = Path(args.run) / "appendix_b.json"
-    out.write_text(json.dumps({**summary, "per_sample": rows}, indent=1))
+    out.write_text(json.dumps(summary, indent=1))
     print(f"Appendix B, synthetic GPT-2 design model {args.run} (epoch {summary['epoch']}): "
           f"{summary['satisfied_percent']:.1f}% of {summary['pairs']} (sample, layer) pairs satisfy Proposition 1; "
           f"per layer {', '.join(f'{p:.0f}%' for p in summary['per_layer_satisfied_percent'])}; wrote {out}")

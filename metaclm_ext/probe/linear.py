@@ -80,3 +80,36 @@ def layer_conditions(weights: list[LayerWeights], inputs: torch.Tensor) -> list[
         w_lin = linearized_layer(w, inputs[l])
         out.append({"layer": l + 1, **proposition1(w_lin, inputs[l, -1])})
     return out
+
+
+def synthetic_run(run_dir, epoch: int | None = None, max_samples: int = 200) -> dict:
+    """Appendix B on a `metaclm train` run: Proposition 1 per layer for the last token of each of the first
+    ``max_samples`` validation sequences (the synthetic model is GPT-2 design, so W_linear exists).
+
+    Returns the summary (satisfied % overall and per layer, ||W x|| >= ||x|| %) with ``per_sample`` rows.
+    """
+    from ..train import load_checkpoint, load_run, make_batch
+
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    run = load_run(run_dir)
+    model = load_checkpoint(run_dir, epoch)
+    weights = [gpt2_weights(block, model.config.n_head) for block in model.transformer.h]
+    n_layer = model.config.n_layer
+    rows = []
+    with torch.no_grad():
+        for row in run.data["validation"][:max_samples]:
+            b = make_batch([row])
+            hidden = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True).hidden_states
+            inputs = torch.stack(hidden[:n_layer])[:, 0]  # [L, n, d]: the raw input of each block
+            rows.append({"sequence": row["id"], "layers": layer_conditions(weights, inputs)})
+    pairs = [layer for r in rows for layer in r["layers"]]
+    return {
+        "run": str(run_dir), "epoch": epoch if epoch is not None else run.epochs[-1],
+        "samples": len(rows), "pairs": len(pairs),
+        "satisfied_percent": 100.0 * sum(p["satisfied"] for p in pairs) / len(pairs),
+        "per_layer_satisfied_percent": [
+            100.0 * sum(r["layers"][l]["satisfied"] for r in rows) / len(rows) for l in range(n_layer)],
+        "norm_ratio_ge_1_percent": 100.0 * sum(p["norm_ratio"] >= 1 for p in pairs) / len(pairs),
+        "per_sample": rows,
+    }

@@ -1,0 +1,114 @@
+"""Every qualitative claim of paper-numbers.json, judged on the stages' headline numbers.
+
+The synthetic-run claims (Figures 1/9, 2/11, 3/10 on the Table 5 run, Figure 6 on the Table 6 run) are
+judged by metaclm_ext.analyze.claims; the claims about pretrained LMs (Figures 4/7, Table 1 with Figures
+5/8) and Appendix B are judged here with the same Check / verdict rules: every check passed = reproduced,
+at least half = partly reproduced, fewer = not reproduced, none possible = not tested.
+"""
+from __future__ import annotations
+
+from ..analyze.claims import SEQUENCE_MARGIN, UNTESTED, Check, verdict
+from ..paper import paper_numbers
+from .stages import PROBE_COLUMNS
+
+PAPER_NAMES = {"wikitext103": "Wikitext-103", "1bw": "1BW"}
+ANALYZED = {"Fig 1/9": "analyze_table5", "Fig 2a/11a": "analyze_table5", "Fig 2b/11b": "analyze_table5",
+            "Fig 3/10": "analyze_table5", "Fig 6": "analyze_table6"}
+
+
+def model_name(head: dict) -> str:
+    """A probe stage's model without its parenthesised details (``SmolLM2-135M-Instruct``)."""
+    return head["model"]["description"].split(" (")[0]
+
+
+def _probe_name(head: dict, stage: str) -> str:
+    return f"{model_name(head)} on {head['corpus']['description']} ({stage})"
+
+
+def real_lm_inner_loss_checks(probes: dict) -> list[Check]:
+    """Figures 4/7: the logit-lens loss falls from the embeddings to the last layer, at every layer step."""
+    checks = []
+    for stage, head in probes.items():
+        mean = head["inner_loss"]["mean"]
+        steps = sum(b <= a for a, b in zip(mean, mean[1:]))
+        name = _probe_name(head, stage)
+        checks.append(Check(f"{name}: last layer {mean[-1]:.3f} < embeddings {mean[0]:.3f} nats", mean[-1] < mean[0]))
+        checks.append(Check(f"{name}: the mean inner loss does not rise at {steps} of {len(mean) - 1} layer steps "
+                            "(all needed)", steps == len(mean) - 1))
+    return checks
+
+
+def real_lm_norm_checks(probes: dict) -> list[Check]:
+    """Table 1 / Figures 5/8: pair and sequence levels at least the paper's lowest value on that corpus, and
+    the sequence level far above the fair-coin null (last layer excluded, as in Table 1)."""
+    table = paper_numbers()["table1_nondecreasing_norm_percent"]
+    checks = []
+    for stage, head in probes.items():
+        column = PROBE_COLUMNS[stage]
+        paper = [cols[column] for model, cols in table.items() if model != "note"]
+        low_pair, low_seq = min(p["pair"] for p in paper), min(p["sequence"] for p in paper)
+        t1, name, corpus = head["norms"]["table1"], _probe_name(head, stage), PAPER_NAMES[column]
+        checks += [
+            Check(f"{name}: pair level {t1['pair_percent']:.1f}% >= the paper's lowest on {corpus} ({low_pair}%)",
+                  t1["pair_percent"] >= low_pair),
+            Check(f"{name}: sequence level {t1['sequence_percent']:.1f}% >= the paper's lowest on {corpus} "
+                  f"({low_seq}%)", t1["sequence_percent"] >= low_seq),
+            Check(f"{name}: sequence level {t1['sequence_percent']:.1f}% > {SEQUENCE_MARGIN:g} x the 2^-"
+                  f"{t1['pairs_per_trajectory']} null ({t1['null_sequence_percent']:.2g}%)",
+                  t1["sequence_percent"] > SEQUENCE_MARGIN * t1["null_sequence_percent"]),
+        ]
+    return checks
+
+
+def appendix_b_checks(synthetic: dict | None, probes: dict) -> tuple[list[Check], list[str]]:
+    """Proposition 1 must hold for every (sample, layer) pair tested; models without W_linear are noted."""
+    checks, notes = [], []
+    if synthetic is not None:
+        checks.append(Check(f"synthetic Table 5 model (GPT-2 design, stand-in for GPT-2), epoch {synthetic['epoch']}: "
+                            f"{synthetic['satisfied_percent']:.1f}% of {synthetic['pairs']} (sample, layer) pairs "
+                            "(100% needed)", synthetic["satisfied_percent"] == 100.0))
+    for stage, head in probes.items():
+        lin = head["linear"]
+        if lin["applicable"]:
+            checks.append(Check(f"{_probe_name(head, stage)}: {lin['satisfied_percent']:.1f}% of {lin['pairs']} "
+                                "(sample, layer) pairs (100% needed)", lin["satisfied_percent"] == 100.0))
+        else:
+            notes.append(f"{_probe_name(head, stage)}: not applicable ({lin['reason']})")
+    return checks, notes
+
+
+def judge_all(records: dict) -> list[dict]:
+    """[{figure, claim, verdict, checks, notes, stages}] for every claim in paper-numbers.json, in its order."""
+    done = {n: r["headline"] for n, r in records.items() if r["status"] == "done"}
+    probes = {n: done[n] for n in PROBE_COLUMNS if n in done}
+    own = {
+        "Fig 4/7": (lambda: (real_lm_inner_loss_checks(probes), []), list(PROBE_COLUMNS)),
+        "Table 1 / Fig 5/8": (lambda: (real_lm_norm_checks(probes), []), list(PROBE_COLUMNS)),
+        "Appendix B": (lambda: appendix_b_checks(done.get("appendix_b"), probes), ["appendix_b", *PROBE_COLUMNS]),
+    }
+    out = []
+    for text in paper_numbers()["qualitative_claims"]:
+        figure = text.split(":")[0]
+        entry = {"figure": figure, "claim": text, "verdict": UNTESTED, "checks": [], "notes": []}
+        if figure in ANALYZED:
+            stage = ANALYZED[figure]
+            entry["stages"] = [stage]
+            judged = [c for c in done.get(stage, {}).get("claims", []) if c["figure"] == figure]
+            if judged:
+                entry.update(verdict=judged[0]["verdict"], checks=judged[0]["checks"])
+        elif figure in own:
+            judge, stages = own[figure]
+            entry["stages"] = stages
+            try:
+                checks, notes = judge()
+                entry.update(verdict=verdict(checks), checks=[c._asdict() for c in checks], notes=notes)
+            except KeyError as exc:  # a stage record of another layout
+                entry["notes"].append(f"could not be judged: the stage records lack {exc}")
+        else:
+            entry["stages"] = []
+            entry["notes"].append("no stage of metaclm reproduce tests this claim")
+        missing = [s for s in entry["stages"] if s not in done]
+        if missing:
+            entry["notes"].append(f"stage(s) {', '.join(missing)} not done in this output folder")
+        out.append(entry)
+    return out

@@ -1,0 +1,44 @@
+"""Where a result came from: the code's commit and the machine, recorded in every stage.json and REPORT.md."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def commit() -> str:
+    """The checkout's commit (and whether it had uncommitted changes), else the package version."""
+    from .. import __version__
+
+    package = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    try:
+        git("ls-files", "--error-unmatch", "__init__.py")  # an installed copy inside some other checkout is not one
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return f"metaclm_ext {__version__} (not a git checkout)"
+    return f"{sha}{' + uncommitted changes' if dirty else ''} (metaclm_ext {__version__})"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal"))
+        ram = f"{mem_kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        ram = "RAM unknown"
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram": ram, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "device": device, "load_average": list(load) if load else None}

@@ -1,0 +1,23 @@
+#!/usr/bin/env python
+"""Figures 4, 5, 7 and 8 of the paper on a pretrained LM: the inner loss across layers (4/7) and the PCA
+trajectories of the current token with their norms (5/8), on the Wikitext-103 and 1BW stand-ins (Figure 6,
+on the synthetic Table 6 run, has its own script: figure_6.py).
+
+Runs the `probe_wikipedia` and `probe_news` stages of `metaclm reproduce` into --out and writes
+OUT/REPORT.md; a rerun skips finished stages (docs/reproduce.md).
+
+    python scripts/figures_4_8.py [--quick | --paper] [--out DIR]
+"""
+import sys
+
+from metaclm_ext.reproduce.cli import script_main
+
+STAGES = ["probe_wikipedia", "probe_news"]
+
+
+def main(argv=None) -> int:
+    return script_main(__doc__, STAGES, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+#!/usr/bin/env python
+"""Tables 1-3 of the paper: non-decreasing norms of a pretrained LM (Table 1), data sizes (Table 2) and the samples
+kept after the loss filter (Table 3), beside the paper's numbers.
+
+Runs the `data`, `probe_wikipedia` and `probe_news` stages of `metaclm reproduce` into --out and writes
+OUT/REPORT.md; a rerun skips the stages already done with the same settings (docs/reproduce.md).
+
+    python scripts/tables_1_3.py [--quick | --paper] [--out DIR]
+"""
+import sys
+
+from metaclm_ext.reproduce.cli import script_main
+
+STAGES = ["data", "probe_wikipedia", "probe_news"]
+
+
+def main(argv=None) -> int:
+    return script_main(__doc__, STAGES, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
