@@ -232,7 +232,7 @@ def test_cli_without_history(tmp_path, capsys):
     (["--epochs", "0,99"], "no checkpoint for epochs [99]"),
     (["--parts", "attention,colour"], "parts must be"),
     (["--k", "0"], "k must be >= 1"),
-    (["--every", "0"], "--every must be >= 1"),
+    (["--every", "0"], "every must be >= 1"),
 ])
 def test_cli_bad_input(tiny_run, tmp_path, capsys, args, message):
     assert main(["analyze", str(tiny_run), "--out", str(tmp_path / "x"), "--no-progress", *args]) == 2

@@ -21,8 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/analysis)")
     p.add_argument("--epochs", type=_int_list, default=None,
                    help="comma-separated checkpoint epochs to analyse (default: every checkpoint)")
-    p.add_argument("--every", type=int, default=None,
-                   help="analyse every N-th checkpoint (and the last); ignored with --epochs")
+    p.add_argument("--every", type=int, default=1,
+                   help="analyse every N-th of the chosen checkpoints, and the last (default 1: all)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     p.add_argument("--k", type=int, default=10, help="top-k / last-k attended history rows (default 10)")
     p.add_argument("--kmeans-init", type=int, default=4, help="KMeans restarts per fit (default 4)")
@@ -33,19 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from ..train import load_run
     from .report import write_outputs
     from .run import AnalyzeConfig, analyze_run
 
-    epochs = args.epochs
-    if epochs is None and args.every is not None:
-        if args.every < 1:
-            raise ValueError(f"--every must be >= 1, got {args.every}")
-        available = load_run(args.run).epochs
-        epochs = sorted(set(available[:: args.every]) | {available[-1]})
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    cfg = AnalyzeConfig(epochs=epochs, parts=parts, k=args.k, kmeans_init=args.kmeans_init, seed=args.seed,
-                        device=args.device)
+    cfg = AnalyzeConfig(epochs=args.epochs, every=args.every, parts=parts, k=args.k, kmeans_init=args.kmeans_init,
+                        seed=args.seed, device=args.device)
     result = analyze_run(args.run, cfg, progress=not args.no_progress)
     out = args.out or args.run / "analysis"
     files = write_outputs(result, out)

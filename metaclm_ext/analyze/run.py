@@ -33,9 +33,10 @@ NORMS = (
 
 @dataclass
 class AnalyzeConfig:
-    """What to analyse. ``epochs`` None = every checkpoint of the run."""
+    """What to analyse: the checkpoints ``epochs`` (None = all), thinned to every ``every``-th (and the last)."""
 
     epochs: Optional[list] = None
+    every: int = 1
     parts: tuple = PARTS
     k: int = 10
     kmeans_init: int = 4
@@ -47,19 +48,19 @@ class AnalyzeConfig:
         unknown = set(self.parts) - set(PARTS)
         if unknown or not self.parts:
             raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {list(self.parts)}")
-        for name in ("k", "kmeans_init", "batch_size"):
+        for name in ("every", "k", "kmeans_init", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def _select_epochs(available: list[int], wanted: Optional[list]) -> list[int]:
-    if wanted is None:
-        return list(available)
-    missing = sorted(set(wanted) - set(available))
-    if missing:
-        raise ValueError(f"the run has no checkpoint for epochs {missing} (it has {available[0]}..{available[-1]}: "
-                         f"{len(available)} checkpoints)")
-    return sorted(set(wanted))
+def _select_epochs(available: list[int], wanted: Optional[list], every: int) -> list[int]:
+    if wanted is not None:
+        missing = sorted(set(wanted) - set(available))
+        if missing:
+            raise ValueError(f"the run has no checkpoint for epochs {missing} (it has {available[0]}..{available[-1]}: "
+                             f"{len(available)} checkpoints)")
+    chosen = sorted(set(available if wanted is None else wanted))
+    return sorted(set(chosen[::every]) | {chosen[-1]})
 
 
 def _norm_summary(norms) -> dict:
@@ -79,7 +80,7 @@ def analyze_run(run_dir, cfg: AnalyzeConfig = AnalyzeConfig(), progress: bool = 
     cfg.check()
     started = time.perf_counter()
     run = load_run(run_dir)
-    epochs = _select_epochs(run.epochs, cfg.epochs)
+    epochs = _select_epochs(run.epochs, cfg.epochs, cfg.every)
     device = resolve_device(cfg.device)
     vocab = len(run.data["meta"]["vocab"])
     n_layer = run.config.n_layer

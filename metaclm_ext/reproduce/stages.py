@@ -112,14 +112,9 @@ def _analyzer(train_stage: str) -> Callable:
     def run(ctx: Context, cfg: dict, out: Path) -> dict:
         from ..analyze import AnalyzeConfig, analyze_run
         from ..analyze.report import write_outputs
-        from ..train import load_run
 
-        if cfg["every"] < 1:
-            raise ValueError(f"every must be >= 1, got {cfg['every']}")
         run_dir = ctx.run_dir(train_stage)
-        available = load_run(run_dir).epochs
-        epochs = sorted(set(available[:: cfg["every"]]) | {available[-1]})
-        acfg = AnalyzeConfig(epochs=epochs, parts=tuple(cfg["parts"]), k=cfg["k"], kmeans_init=cfg["kmeans_init"],
+        acfg = AnalyzeConfig(every=cfg["every"], parts=tuple(cfg["parts"]), k=cfg["k"], kmeans_init=cfg["kmeans_init"],
                              seed=cfg["seed"], device=cfg["device"])
         result = analyze_run(run_dir, acfg, progress=ctx.progress)
         files = write_outputs(result, out)
