@@ -1,5 +1,7 @@
-# The README's two commands: `make demo` (set up, build, run the main job) and `make test`.
-# Both are idempotent: stamps under .make/ skip the steps whose inputs have not changed.
+# The README's two commands: `make demo` (set up, build, the kernel demo, then the paper's reproduction at
+# quick scale into runs/reproduce-quick/REPORT.md) and `make test`.
+# Both are idempotent: stamps under .make/ skip the steps whose inputs have not changed, and reproduce
+# skips the stages it has finished.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,6 +12,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc metaclm_ext -type f \( -nam
 
 demo: install
 	$(BIN)/metaclm demo
+	$(BIN)/metaclm reproduce --quick --out runs/reproduce-quick
 
 # pytest (not `python -m pytest`, which would put the source tree first on sys.path) so the tests import
 # the installed package, as users do. Benchmarks run once each at a smoke size, so they cannot rot.
