@@ -244,3 +244,30 @@ def test_a_section_that_cannot_be_written_does_not_cost_the_report(tiny, tmp_pat
     claims = {c["figure"]: c for c in json.loads((out / "report.json").read_text())["claims"]}
     assert claims["Table 1 / Fig 5/8"]["verdict"] == "not tested"
     assert "could not be judged: the stage records lack 'norms'" in claims["Table 1 / Fig 5/8"]["notes"]
+
+
+def test_commit_of_an_installed_package_names_the_working_directorys_checkout(tmp_path, monkeypatch):
+    """`make demo` runs the installed package: the report names the checkout it was built from (the cwd)."""
+    import subprocess
+
+    from metaclm_ext.reproduce import provenance
+
+    repo = tmp_path / "repo"
+    (repo / "metaclm_ext").mkdir(parents=True)
+    (repo / "metaclm_ext" / "__init__.py").write_text("")
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "x")
+    sha = git("rev-parse", "HEAD")
+    # the module as if installed into a folder that is no checkout
+    monkeypatch.setattr(provenance, "__file__", str(tmp_path / "site" / "metaclm_ext" / "reproduce" / "provenance.py"))
+    monkeypatch.chdir(repo)
+    assert provenance.commit().startswith(f"{sha} (installed metaclm_ext")
+    (repo / "metaclm_ext" / "__init__.py").write_text("changed = True\n")
+    assert provenance.commit().startswith(f"{sha} + uncommitted changes (installed")
+    monkeypatch.chdir(tmp_path)  # not a checkout of this project
+    assert provenance.commit().endswith("(not a git checkout)")

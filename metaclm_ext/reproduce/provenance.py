@@ -7,21 +7,33 @@ import subprocess
 from pathlib import Path
 
 
+def _checkout_commit(folder: Path, marker: str) -> str:
+    """``sha[ + uncommitted changes]`` of the git checkout holding ``folder`` if it tracks ``marker``; raises else."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    git("ls-files", "--error-unmatch", marker)  # an installed copy inside some other checkout is not one
+    sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return f"{sha}{' + uncommitted changes' if dirty else ''}"
+
+
 def commit() -> str:
-    """The checkout's commit (and whether it had uncommitted changes), else the package version."""
+    """The checkout's commit (and whether it had uncommitted changes), else the package version.
+
+    An installed package (as `make demo` runs it) is not a checkout: then the working directory's checkout
+    of this project is named, the one `pip install .` is normally run from.
+    """
     from .. import __version__
 
-    package = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=package, capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
     try:
-        git("ls-files", "--error-unmatch", "__init__.py")  # an installed copy inside some other checkout is not one
-        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        return f"{_checkout_commit(Path(__file__).resolve().parent.parent, '__init__.py')} (metaclm_ext {__version__})"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        sha = _checkout_commit(Path.cwd(), "metaclm_ext/__init__.py")
+        return f"{sha} (installed metaclm_ext {__version__}; the checkout in the working directory)"
     except (OSError, subprocess.SubprocessError):
         return f"metaclm_ext {__version__} (not a git checkout)"
-    return f"{sha}{' + uncommitted changes' if dirty else ''} (metaclm_ext {__version__})"
 
 
 def machine() -> dict:
