@@ -230,6 +230,7 @@ def test_cli_without_history(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0,99"], "no checkpoint for epochs [99]"),
+    (["--epochs", ","], "--epochs names none"),
     (["--parts", "attention,colour"], "parts must be"),
     (["--k", "0"], "k must be >= 1"),
     (["--every", "0"], "every must be >= 1"),
@@ -242,3 +243,14 @@ def test_cli_bad_input(tiny_run, tmp_path, capsys, args, message):
 def test_cli_not_a_run(tmp_path, capsys):
     assert main(["analyze", str(tmp_path), "--no-progress"]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_run_without_checkpoints(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "empty"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("history", "analysis"))
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").mkdir()
+    assert main(["analyze", str(run), "--parts", "norms", "--epochs", "1", "--no-progress"]) == 2
+    assert "no checkpoints to analyse" in capsys.readouterr().err

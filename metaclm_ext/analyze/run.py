@@ -54,11 +54,15 @@ class AnalyzeConfig:
 
 
 def _select_epochs(available: list[int], wanted: Optional[list], every: int) -> list[int]:
+    if not available:
+        raise ValueError("the run has no checkpoints to analyse")
     if wanted is not None:
         missing = sorted(set(wanted) - set(available))
         if missing:
             raise ValueError(f"the run has no checkpoint for epochs {missing} (it has {available[0]}..{available[-1]}: "
                              f"{len(available)} checkpoints)")
+        if not wanted:
+            raise ValueError("no checkpoint to analyse: --epochs names none")
     chosen = sorted(set(available if wanted is None else wanted))
     return sorted(set(chosen[::every]) | {chosen[-1]})
 
