@@ -16,11 +16,11 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .ops import dual_form_apply
+from .record import cproj_modules, epoch_limits
 from .train import Run, load_checkpoint, load_run, make_batch
 
 EXACT_TOLERANCE = 1e-4
@@ -37,11 +37,10 @@ def cproj_io(model, rows: list[dict], batch_size: int = 64) -> dict[str, tuple[t
     """{"attn.l"/"mlp.l": (inputs [Q, in], outputs [Q, out])} of every c_proj on the real tokens of ``rows``."""
     captured: dict[str, list] = {}
     handles = []
-    for l, block in enumerate(model.transformer.h):
-        for kind, module in (("attn", block.attn.c_proj), ("mlp", block.mlp.c_proj)):
-            def hook(module, inputs, output, key=f"{kind}.{l}"):
-                captured.setdefault(key, []).append((inputs[0], output))
-            handles.append(module.register_forward_hook(hook))
+    for key, module in cproj_modules(model).items():
+        def hook(module, inputs, output, key=key):
+            captured.setdefault(key, []).append((inputs[0], output))
+        handles.append(module.register_forward_hook(hook))
     try:
         model.eval()
         for i in range(0, len(rows), batch_size):
@@ -80,7 +79,6 @@ def dualcheck(run_dir, epoch: Optional[int] = None, history: Optional[Path] = No
     if path is None:
         raise ValueError(f"{run_dir} was trained without --record-history; pass the store with --history")
     store = HistoryStore(path)
-    n_layer = run.config.n_layer
     if "attn_err.0" not in store.fields:
         raise ValueError(f"history {path} has no error signals: train with --record-errors")
     epoch = run.epochs[-1] if epoch is None else epoch
@@ -88,16 +86,13 @@ def dualcheck(run_dir, epoch: Optional[int] = None, history: Optional[Path] = No
     if len(epochs) == 0 or epoch > int(epochs.max()):
         raise ValueError(f"history {path} records epochs up to {int(epochs.max()) if len(epochs) else 0}, "
                          f"not {epoch}")
-    limit = int(np.searchsorted(epochs, epoch, side="right"))
+    limit = epoch_limits(epochs, [epoch])[epoch]
     init, trained = load_checkpoint(run_dir, 0), load_checkpoint(run_dir, epoch)
     rows = run.data["validation"][:max_sequences] if max_sequences else run.data["validation"]
     io = cproj_io(trained, rows)
     results = []
-    keys = [f"{kind}.{l}" for l in range(n_layer) for kind in ("attn", "mlp")]
-    for key in tqdm(keys, desc="dualcheck", disable=not progress):
+    for key, module0 in tqdm(cproj_modules(init).items(), desc="dualcheck", disable=not progress):
         kind, l = key.split(".")
-        block = init.transformer.h[int(l)]
-        module0 = block.attn.c_proj if kind == "attn" else block.mlp.c_proj
         x, y = io[key]
         base = x.double() @ module0.weight.double() + module0.bias.double()
         inputs, errors = store[f"{kind}_in.{l}"], store[f"{kind}_err.{l}"]

@@ -15,12 +15,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .train import IGNORE, Batch, TrainConfig
 
 COLUMNS = ("step", "epoch", "sequence", "position", "token", "seed", "next_token", "seed_next_token")
 SHARD_ROWS = 65536
+
+
+def cproj_modules(model) -> dict[str, torch.nn.Module]:
+    """{"attn.l" / "mlp.l": block l's attn.c_proj / mlp.c_proj}, in layer order: the modules whose inputs (and
+    output errors) the history records as the fields "attn_in.l" / "mlp_in.l" (and "*_err.l")."""
+    return {f"{kind}.{l}": module for l, block in enumerate(model.transformer.h)
+            for kind, module in (("attn", block.attn.c_proj), ("mlp", block.mlp.c_proj))}
+
+
+def epoch_limits(epoch_column: np.ndarray, epochs: list[int]) -> dict[int, int]:
+    """Rows recorded up to the end of each epoch (the history a checkpoint has seen)."""
+    if epoch_column.size and np.any(np.diff(epoch_column) < 0):
+        raise ValueError("the store's epoch column is not ascending: it was not written by `metaclm train`")
+    return {e: int(np.searchsorted(epoch_column, e, side="right")) for e in epochs}
 
 
 def field_names(n_layer: int, errors: bool) -> list[str]:
@@ -50,9 +65,8 @@ class HistoryRecorder:
         self._active = False
         self.seconds = 0.0
         self._handles = []
-        for l, block in enumerate(model.transformer.h):
-            for kind, module in (("attn", block.attn.c_proj), ("mlp", block.mlp.c_proj)):
-                self._handles.append(module.register_forward_hook(self._hook(f"{kind}.{l}")))
+        for key, module in cproj_modules(model).items():
+            self._handles.append(module.register_forward_hook(self._hook(key)))
 
     def _hook(self, key: str):
         def capture(module, inputs, output):

@@ -10,7 +10,7 @@ from metaclm_ext.analyze import attention, claims, clustering
 from metaclm_ext.analyze.forward import forward_split, lens_model, query_positions
 from metaclm_ext.analyze.run import AnalyzeConfig, analyze_run
 from metaclm_ext.cli import main
-from metaclm_ext.record import COLUMNS
+from metaclm_ext.record import COLUMNS, epoch_limits
 from metaclm_ext.reference import history_topk_reference
 from metaclm_ext.store import HistoryStore, HistoryWriter
 from metaclm_ext.train import evaluate, load_checkpoint, load_run
@@ -96,7 +96,7 @@ def _hand_store(path, heads=2):
 
 def test_history_attention_respects_each_checkpoints_history(tmp_path):
     store = _hand_store(tmp_path / "h")
-    limits_by_epoch = attention.epoch_limits(store.read("epoch"), [1, 2, 3])
+    limits_by_epoch = epoch_limits(store.read("epoch"), [1, 2, 3])
     assert limits_by_epoch == {1: 12, 2: 36, 3: 60}
     q = torch.zeros(2, 8)
     q[1, 1::4] = 1.0                       # query 1 is seed 1; query 0 (all zeros) scores everything 0

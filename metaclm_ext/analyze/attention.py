@@ -25,13 +25,6 @@ def query_labels(seed: torch.Tensor, next_token: torch.Tensor, vocab_size: int) 
     return {"seed": seed, "next_token": nxt, "seed_next_token": seed * vocab_size + nxt}
 
 
-def epoch_limits(epoch_column: np.ndarray, epochs: list[int]) -> dict[int, int]:
-    """Rows recorded up to the end of each epoch (the history a checkpoint has seen)."""
-    if epoch_column.size and np.any(np.diff(epoch_column) < 0):
-        raise ValueError("the store's epoch column is not ascending: it was not written by `metaclm train`")
-    return {e: int(np.searchsorted(epoch_column, e, side="right")) for e in epochs}
-
-
 def same_label_percent(indices: torch.Tensor, history_labels: np.ndarray, labels: np.ndarray,
                        groups: np.ndarray, num_groups: int) -> np.ndarray:
     """Per group: 100 * (selected rows with the query's label) / (selected rows), over heads and queries.

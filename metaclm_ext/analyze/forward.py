@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..probe.models import LensModel, wrap
+from ..record import cproj_modules
 from ..train import IGNORE, make_batch
 
 QUERY_POSITION = (
@@ -56,11 +57,10 @@ def forward_split(lm: LensModel, rows: list[dict], batch_size: int = 64) -> Spli
     model = lm.model.eval()
     captured: dict[str, torch.Tensor] = {}
     handles = []
-    for l, block in enumerate(lm.layers):
-        for kind, module in (("attn", block.attn.c_proj), ("mlp", block.mlp.c_proj)):
-            def take(_module, inputs, _output, key=f"{kind}_in.{l}"):
-                captured[key] = inputs[0]
-            handles.append(module.register_forward_hook(take))
+    for key, module in cproj_modules(model).items():
+        def take(_module, inputs, _output, field=key.replace(".", "_in.")):  # the store field's name
+            captured[field] = inputs[0]
+        handles.append(module.register_forward_hook(take))
     loss_sum = torch.zeros(len(lm.layers) + 1, dtype=torch.float64)
     tokens = 0
     norms, query_states, seeds, next_tokens = [], [], [], []

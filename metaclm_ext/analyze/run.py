@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..probe.norms import nondecreasing
+from ..record import epoch_limits
 from ..train import load_checkpoint, load_run, resolve_device
 from . import attention, clustering
 from .claims import judge
@@ -173,7 +174,7 @@ def _attention(run, store, queries: dict, query_epochs: list[int], labels: dict,
                device, progress: bool) -> dict:
     if not query_epochs:
         return {"skipped": "no checkpoint after epoch 0 was analysed (the initialisation has no history)"}
-    limits_by_epoch = attention.epoch_limits(store.read("epoch"), query_epochs)
+    limits_by_epoch = epoch_limits(store.read("epoch"), query_epochs)
     n = len(next(iter(labels.values())))
     groups = np.repeat(np.arange(len(query_epochs)), n)
     limits = np.repeat([limits_by_epoch[e] for e in query_epochs], n)
