@@ -33,13 +33,9 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    from metaclm_ext.reproduce.provenance import cpu_model
+
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "platform": platform.platform(), "python": platform.python_version()}
 
 
