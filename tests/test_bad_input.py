@@ -68,6 +68,26 @@ def test_non_finite_history_names_row(bad, dtype):
         metaclm_ext.dual_form_apply(torch.randn(2, 8), torch.randn(5000, 8), history)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_check_reads_views_as_views(dtype):
+    """A column view of a wider tensor is checked by its own elements: a NaN outside the view is no error
+    (the check once walked the parent's memory as if the view were contiguous), a NaN inside it is."""
+    wide = torch.randn(1000, 16).to(dtype)
+    wide[5, 12] = float("nan")  # outside the view
+    view = wide[:, :8]
+    labels = torch.zeros(1000, dtype=torch.int64)
+    metaclm_ext.history_label_mass(Q, view, labels, 1)
+    metaclm_ext.dual_form_apply(torch.randn(2, 8), view, view)
+    topk(history=view)
+    wide[7, 3] = float("inf")  # inside it
+    with pytest.raises(ValueError, match=r"history row 7 contains NaN or Inf"):
+        metaclm_ext.history_label_mass(Q, view, labels, 1)
+    with pytest.raises(ValueError, match=r"inputs row 7 contains NaN or Inf"):
+        metaclm_ext.dual_form_apply(torch.randn(2, 8), view, view)
+    with pytest.raises(ValueError, match=r"history row 7 contains NaN or Inf"):
+        topk(history=view)
+
+
 def test_non_finite_query_names_row():
     queries = Q.clone()
     queries[2, 1, 0] = float("nan")

@@ -12,15 +12,43 @@ namespace {
 
 constexpr int64_t kGemmRows = 8192;  // rows summed in fp32 before adding into the fp64 accumulator
 
-void accumulate(const at::Tensor& inputs, const at::Tensor& errors, int64_t begin, int64_t end,
-                at::Tensor& weight_delta) {
-  for (int64_t b = begin; b < end; b += kGemmRows) {
-    const int64_t e = std::min(end, b + kGemmRows);
-    auto x = inputs.slice(0, b, e).to(at::kFloat);
-    auto err = errors.slice(0, b, e).to(at::kFloat);
-    weight_delta.add_(at::mm(err.t(), x).to(at::kDouble));
+// Adds errors[begin:end]^T inputs[begin:end] into weight_delta (fp64 [D_out, D_in]), kGemmRows rows at
+// a time. fp16/bf16 blocks are staged as fp32 in buffers reused from block to block. On the CPU every
+// block is checked for NaN/Inf while it is in cache: fp16/bf16 by the staging copy itself, fp32 (used
+// in place) right after the GEMM has read it, before its product is added (measured: either beats a
+// separate pass over the chunk). On a GPU a check costs a device sync, so the caller checks the chunk
+// once up front instead (check_each_block = false).
+struct WeightDeltaAccumulator {
+  const at::Tensor& inputs;
+  const at::Tensor& errors;
+  int64_t row_offset;
+  bool check_each_block;
+  at::Tensor& weight_delta;
+  at::Tensor x32, e32;  // staging buffers, allocated on first use
+
+  at::Tensor as_float(const at::Tensor& rows, at::Tensor& buffer, int64_t first_row, const char* name) {
+    if (rows.scalar_type() == at::kFloat) return rows;
+    if (!buffer.defined()) buffer = at::empty({kGemmRows, rows.size(1)}, rows.options().dtype(at::kFloat));
+    if (!check_each_block) return buffer.narrow(0, 0, rows.size(0)).copy_(rows);
+    return copy_rows_checked(rows, buffer, row_offset + first_row, name);
   }
-}
+
+  void check_if_in_place(const at::Tensor& rows, int64_t first_row, const char* name) {
+    if (check_each_block && rows.scalar_type() == at::kFloat) check_finite_rows(rows, row_offset + first_row, name);
+  }
+
+  void add(int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b += kGemmRows) {
+      const int64_t e = std::min(end, b + kGemmRows);
+      const auto x = inputs.slice(0, b, e), err = errors.slice(0, b, e);
+      const auto x32_rows = as_float(x, x32, b, "inputs");  // inputs first: their error is reported first
+      const auto product = at::mm(as_float(err, e32, b, "errors").t(), x32_rows);
+      check_if_in_place(x, b, "inputs");
+      check_if_in_place(err, b, "errors");
+      weight_delta.add_(product);
+    }
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_cpu(const at::Tensor& queries, const at::Tensor& inputs,
                                                              const at::Tensor& errors, int64_t row_offset,
@@ -49,8 +77,6 @@ std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_any(const at::Tensor& q
                     "weight_delta must be float64 [D_out, D_in]");
   TORCH_CHECK_VALUE(out.scalar_type() == at::kDouble && out.dim() == 2 && out.size(0) == nq && out.size(1) == d_out,
                     "out must be float64 [Q, D_out]");
-  check_finite(inputs, row_offset, "inputs");
-  check_finite(errors, row_offset, "errors");
 
   auto delta = weight_delta.contiguous().clone();
   auto result = out.contiguous().clone();
@@ -58,17 +84,23 @@ std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_any(const at::Tensor& q
   const int64_t* limp = lim.data_ptr<int64_t>();
   const Breakpoints bp = breakpoints_in_chunk(lim, row_offset, n);
   auto q64 = queries.to(at::kDouble);
+  const bool on_cpu = inputs.is_cpu();
+  if (!on_cpu) {
+    check_finite(inputs, row_offset, "inputs");
+    check_finite(errors, row_offset, "errors");
+  }
+  WeightDeltaAccumulator accumulate{inputs, errors, row_offset, on_cpu, delta};
   int64_t done = 0;
   for (int64_t o = bp.begin; o < bp.end; ++o) {
     const int64_t qi = bp.order[o];
     const int64_t stop = limp[qi] - row_offset;
     if (stop > done) {
-      accumulate(inputs, errors, done, stop, delta);
+      accumulate.add(done, stop);
       done = stop;
     }
     result[qi].copy_(at::mv(delta, q64[qi]));
   }
-  accumulate(inputs, errors, done, n, delta);
+  accumulate.add(done, n);
   return {delta, result};
 }
 

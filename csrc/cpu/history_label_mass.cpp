@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <mutex>
 
 #include "rows.h"
@@ -13,17 +14,27 @@ namespace metaclm {
 namespace {
 
 // Adds rows [begin, end) into sums[label] (fp64 [L, D]); threads keep private sums and add them up.
+// The rows are checked on the way (finite values, labels in range), so the history is read once: a
+// thread stops at its first bad row and first_bad (the lowest over threads) names it afterwards.
 template <typename T>
 void accumulate_rows(const T* rows, const int64_t* labels, int64_t begin, int64_t end, int64_t d,
-                     int64_t num_labels, double* sums) {
+                     int64_t num_labels, double* sums, std::atomic<int64_t>& first_bad) {
   if (begin >= end) return;
   std::mutex add_mutex;
   at::parallel_for(begin, end, 8192, [&](int64_t b, int64_t e) {
     std::vector<double> local(num_labels * d, 0.0);
+    std::vector<float> row(d);
     for (int64_t r = b; r < e; ++r) {
+      const T* src = rows + r * d;
+      if (!row_is_finite(src, d) || labels[r] < 0 || labels[r] >= num_labels) {
+        int64_t seen = first_bad.load();
+        while (r < seen && !first_bad.compare_exchange_weak(seen, r)) {
+        }
+        return;
+      }
       double* dst = local.data() + labels[r] * d;
-      const T* row = rows + r * d;
-      for (int64_t j = 0; j < d; ++j) dst[j] += static_cast<float>(row[j]);
+      row_to_float(src, d, row.data());
+      for (int64_t j = 0; j < d; ++j) dst[j] += row[j];
     }
     std::lock_guard<std::mutex> guard(add_mutex);
     for (int64_t j = 0; j < num_labels * d; ++j) sums[j] += local[j];
@@ -36,44 +47,45 @@ std::tuple<at::Tensor, at::Tensor> history_label_mass_merge_cpu(
   const int64_t num_labels = check_label_mass_merge_args(queries, history, labels, limit, label_sums, mass);
   const int64_t nh = queries.size(1), dh = queries.size(2);
   const int64_t n = history.size(0), d = history.size(1);
-  check_finite_rows(history, row_offset, "history");
   auto lab = labels.contiguous();
   const int64_t* lp = lab.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n; ++r) {
-    if (lp[r] < 0 || lp[r] >= num_labels) raise_bad_label(r + row_offset, lp[r], num_labels);
-  }
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
 
   auto q = queries.contiguous();
   auto hist = history.contiguous();
   auto out_sums = label_sums.contiguous().clone();
   auto out_mass = mass.contiguous().clone();
-  const float* qp = q.data_ptr<float>();
-  const int64_t* limp = limit.contiguous().data_ptr<int64_t>();
+  const auto lim = limit.contiguous();
+  const int64_t* limp = lim.data_ptr<int64_t>();
   double* sums = out_sums.data_ptr<double>();
-  double* mp = out_mass.data_ptr<double>();
+  const auto q64 = q.to(at::kDouble);
   const Breakpoints bp = breakpoints_in_chunk(limit.contiguous(), row_offset, n);
 
   dispatch_history_dtype(hist.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* hp = hist.data_ptr<T>();
     int64_t done = 0;
-    for (int64_t o = bp.begin; o < bp.end; ++o) {
-      const int64_t qi = bp.order[o];
-      const int64_t stop = limp[qi] - row_offset;
-      accumulate_rows(hp, lp, done, stop, d, num_labels, sums);
+    for (int64_t o = bp.begin; o < bp.end;) {
+      const int64_t stop = limp[bp.order[o]] - row_offset;
+      int64_t group_end = o + 1;  // the queries read out at the same row, in one batched product
+      while (group_end < bp.end && limp[bp.order[group_end]] == limp[bp.order[o]]) ++group_end;
+      accumulate_rows(hp, lp, done, stop, d, num_labels, sums, first_bad);
+      if (first_bad.load() != std::numeric_limits<int64_t>::max()) return;
       done = std::max(done, stop);
-      for (int64_t h = 0; h < nh; ++h) {
-        const float* qv = qp + (qi * nh + h) * dh;
-        for (int64_t l = 0; l < num_labels; ++l) {
-          const double* s = sums + l * d + h * dh;
-          double acc = 0.0;
-          for (int64_t j = 0; j < dh; ++j) acc += s[j] * qv[j];
-          mp[(qi * nh + h) * num_labels + l] = acc;
-        }
-      }
+      const auto ids = at::tensor(std::vector<int64_t>(bp.order.begin() + o, bp.order.begin() + group_end));
+      // mass[q, h, l] = <sums[l, h, :], q[q, h, :]>: [H, G, Dh] x [H, Dh, L] -> [G, H, L]
+      const auto per_head_sums = out_sums.view({num_labels, nh, dh}).permute({1, 2, 0});
+      const auto group = q64.index_select(0, ids).permute({1, 0, 2});
+      out_mass.index_copy_(0, ids, at::bmm(group, per_head_sums).permute({1, 0, 2}));
+      o = group_end;
     }
-    accumulate_rows(hp, lp, done, n, d, num_labels, sums);
+    accumulate_rows(hp, lp, done, n, d, num_labels, sums, first_bad);
   });
+  const int64_t bad = first_bad.load();
+  if (bad != std::numeric_limits<int64_t>::max()) {  // the first bad row: its values, else its label
+    check_finite_rows(hist.slice(0, bad, bad + 1), row_offset + bad, "history");
+    raise_bad_label(row_offset + bad, lp[bad], num_labels);
+  }
   return {out_sums, out_mass};
 }
 

@@ -3,11 +3,12 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
-#include <cmath>
+#include <cstdint>
 
 namespace metaclm {
 
-void check_finite_rows(const at::Tensor& rows, int64_t row_offset, const char* name) {
+void check_finite_rows(const at::Tensor& rows_any_layout, int64_t row_offset, const char* name) {
+  const at::Tensor rows = rows_any_layout.contiguous();  // the scan below assumes [n, d] row-major
   const int64_t n = rows.size(0), d = rows.size(1);
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
   dispatch_history_dtype(rows.scalar_type(), [&](auto tag) {
@@ -15,14 +16,7 @@ void check_finite_rows(const at::Tensor& rows, int64_t row_offset, const char* n
     const T* data = rows.data_ptr<T>();
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const T* row = data + r * d;
-        // x - x is 0 for finite x and NaN for NaN/Inf: one branch-free reduction per row.
-        float probe = 0.f;
-        for (int64_t j = 0; j < d; ++j) {
-          const float x = static_cast<float>(row[j]);
-          probe += x - x;
-        }
-        if (probe != 0.f) {
+        if (!row_is_finite(data + r * d, d)) {
           int64_t seen = first_bad.load();
           while (r < seen && !first_bad.compare_exchange_weak(seen, r)) {
           }
@@ -34,6 +28,34 @@ void check_finite_rows(const at::Tensor& rows, int64_t row_offset, const char* n
   const int64_t bad = first_bad.load();
   TORCH_CHECK_VALUE(bad == std::numeric_limits<int64_t>::max(), name, " row ", bad + row_offset,
                     " contains NaN or Inf");
+}
+
+at::Tensor copy_rows_checked(const at::Tensor& rows_any_layout, at::Tensor& buffer, int64_t row_offset,
+                             const char* name) {
+  const at::Tensor rows = rows_any_layout.contiguous();
+  const int64_t n = rows.size(0), d = rows.size(1);
+  TORCH_CHECK(buffer.scalar_type() == at::kFloat && buffer.is_contiguous() && buffer.size(0) >= n &&
+                  buffer.size(1) == d,
+              "copy_rows_checked: bad buffer");
+  float* out = buffer.data_ptr<float>();
+  bool all_finite = true;
+  dispatch_history_dtype(rows.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* data = rows.data_ptr<T>();
+    std::atomic<bool> finite{true};
+    at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (!row_is_finite(data + r * d, d)) {
+          finite.store(false);
+          return;
+        }
+        row_to_float(data + r * d, d, out + r * d);
+      }
+    });
+    all_finite = finite.load();
+  });
+  if (!all_finite) check_finite_rows(rows, row_offset, name);  // names the first bad row
+  return buffer.narrow(0, 0, n);
 }
 
 }  // namespace metaclm
