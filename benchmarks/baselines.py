@@ -5,6 +5,10 @@
 * FAISS: exact inner-product search (IndexFlatIP) per head; last-k is a second search with negated
   queries. The index is built outside the timed region (favouring FAISS).
 * limit: max(bytes read / memory read bandwidth, flops / sgemm rate).
+
+Label mass and the dual form are linear in the rows, so besides the baseline by scores (O(N Q D)) each
+has a torch baseline by linearity (O(N D), as the kernels work): the honest best baseline. FAISS has no
+operation for either (they sum over all rows rather than select), so they have no FAISS baseline.
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ def faiss_topk(queries: torch.Tensor, indexes, k: int):
 
 
 def torch_label_mass(queries, history, labels, num_labels):
+    """Label mass by scores: chunked einsum of every (query head, row), summed per label."""
     q, h, dh = queries.shape
     mass = torch.zeros(q, h, num_labels, dtype=torch.float64)
     for start in range(0, history.shape[0], CHUNK_ROWS):
@@ -73,12 +78,31 @@ def torch_label_mass(queries, history, labels, num_labels):
     return mass
 
 
+def torch_label_mass_linear(queries, history, labels, num_labels):
+    """Label mass by linearity, as the kernel does: per-label row sums (fp64 index_add_), then one einsum."""
+    q, h, dh = queries.shape
+    sums = torch.zeros(num_labels, history.shape[1], dtype=torch.float64)
+    for start in range(0, history.shape[0], CHUNK_ROWS):
+        sums.index_add_(0, labels[start : start + CHUNK_ROWS], history[start : start + CHUNK_ROWS].double())
+    return torch.einsum("qhd,lhd->qhl", queries.double(), sums.view(num_labels, h, dh))
+
+
 def torch_dual_form(queries, inputs, errors):
+    """Dual form by scores: <x_t, q> for every (query, row), then the error rows weighted by them."""
     out = torch.zeros(queries.shape[0], errors.shape[1], dtype=torch.float64)
     for start in range(0, inputs.shape[0], CHUNK_ROWS):
         scores = inputs[start : start + CHUNK_ROWS].float() @ queries.T
         out += (scores.T @ errors[start : start + CHUNK_ROWS].float()).double()
     return out
+
+
+def torch_dual_form_linear(queries, inputs, errors):
+    """Dual form by linearity, as the kernel does: the weight change sum_t e_t (x) x_t (fp32 GEMM per
+    chunk, fp64 across chunks), then applied to the queries."""
+    delta = torch.zeros(errors.shape[1], inputs.shape[1], dtype=torch.float64)
+    for start in range(0, inputs.shape[0], CHUNK_ROWS):
+        delta += (errors[start : start + CHUNK_ROWS].float().T @ inputs[start : start + CHUNK_ROWS].float()).double()
+    return queries.double() @ delta.T
 
 
 def best_time(fn, repeat: int = 3) -> float:
@@ -102,5 +126,10 @@ def sgemm_gflops(n: int = 2048) -> float:
 
 
 def limit_seconds(rows: int, width: int, itemsize: int, num_queries: int, read_gbps: float, gflops: float) -> float:
-    """The machine's floor for one pass: the larger of reading the history and doing its FMAs."""
-    return max(rows * width * itemsize / (read_gbps * 1e9), 2.0 * rows * width * num_queries / (gflops * 1e9))
+    """history_topk's floor for one pass: the larger of reading the history and doing its FMAs."""
+    return floor_seconds(rows * width * itemsize, 2.0 * rows * width * num_queries, read_gbps, gflops)
+
+
+def floor_seconds(nbytes: float, flops: float, read_gbps: float, gflops: float) -> float:
+    """The machine's floor for a pass that reads `nbytes` and does `flops`: max(bytes / bandwidth, flops / sgemm)."""
+    return max(nbytes / (read_gbps * 1e9), flops / (gflops * 1e9))

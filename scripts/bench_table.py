@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""Benchmark table for issue 9: our kernels vs chunked torch and FAISS on the paper's shapes.
+"""Benchmark table for issue 9: our three ops vs chunked torch and FAISS on the paper's shapes.
 
-For each workload it prints our time, each baseline's time, the ratio to the best baseline, and the
-fraction of this machine's limit, max(bytes read / memory read bandwidth, flops / sgemm rate), with
-both rates measured at the start of the same run. Saves JSON (with the machine's description) and a
+For each workload (history_topk, history_label_mass, dual_form_apply) it prints our time, each
+baseline's time, the ratio to the best baseline, and the fraction of this machine's limit,
+max(bytes read / memory read bandwidth, flops / sgemm rate), with both rates measured at the start of
+the same run (flops: the op's essential work; for the linear ops that is O(N D), not the O(N Q D) of
+scoring every row). Saves JSON (with the machine's description) and a
 plot of time against N under benchmarks/results/.
 
-    python scripts/bench_table.py                 # the default grid (about 10 minutes on 2 cores)
-    python scripts/bench_table.py --quick         # small sizes, a minute
+    python scripts/bench_table.py                 # the default grid (about 25 minutes on 2 cores)
+    python scripts/bench_table.py --quick         # small sizes, a few minutes
+    python scripts/bench_table.py --only history_label_mass   # one op's workloads
     python scripts/bench_table.py --store-rows 50000000 --store-only   # 50M rows streamed from a store on disk
 """
 from __future__ import annotations
@@ -39,18 +42,25 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version()}
 
 
+NUM_LABELS = 280  # label classes for history_label_mass (as in benchmarks/bench_ops.py)
+
+
 def workloads(quick: bool) -> list[dict]:
+    """The paper's shapes: attention histories (H = 8 heads of Dh = 8) and FFN histories (D = 128)."""
     if quick:
         sizes, big = [100_000, 400_000], 400_000
     else:
         sizes, big = [1_000_000, 4_000_000, 16_000_000], 4_000_000
-    grid = []
-    for n in sizes:
-        grid.append(dict(kind="attn", rows=n, queries=200, heads=8, head_dim=8, dtype="float16"))
-    grid.append(dict(kind="attn", rows=big, queries=200, heads=8, head_dim=8, dtype="float32"))
-    grid.append(dict(kind="attn", rows=sizes[0], queries=3600, heads=8, head_dim=8, dtype="float16"))
-    for n in sizes[:2]:
-        grid.append(dict(kind="ffn", rows=n, queries=200, heads=1, head_dim=128, dtype="float16"))
+    attn = dict(op="history_topk", kind="attn", queries=200, heads=8, head_dim=8, dtype="float16")
+    ffn = dict(op="history_topk", kind="ffn", queries=200, heads=1, head_dim=128, dtype="float16")
+    grid = [dict(attn, rows=n) for n in sizes]
+    grid.append(dict(attn, rows=big, dtype="float32"))
+    grid.append(dict(attn, rows=sizes[0], queries=3600))
+    grid += [dict(ffn, rows=n) for n in sizes[:2]]
+    grid.append(dict(ffn, rows=big, dtype="float32"))
+    grid += [dict(attn, op="history_label_mass", rows=n) for n in sizes[:2]]
+    grid += [dict(ffn, op="dual_form_apply", rows=n) for n in sizes[:2]]
+    grid.append(dict(ffn, op="dual_form_apply", rows=big, dtype="float32"))
     return grid
 
 
@@ -73,39 +83,64 @@ def run_store(w: dict, path: str, read_gbps: float, gflops: float) -> dict:
         write_store(path, w["rows"], width, w["dtype"])
     store = HistoryStore(path)
     queries = torch.randn(w["queries"], w["heads"], w["head_dim"], generator=torch.Generator().manual_seed(1))
-    out = dict(w, torch_s=None, faiss_s=None)
+    out = dict(w, baselines={})
     out["ours_s"] = baselines.best_time(lambda: metaclm_ext.history_topk(queries, store["h"], K), 1)
     out["limit_s"] = baselines.limit_seconds(w["rows"], width, DTYPES[w["dtype"]].itemsize, w["queries"], read_gbps, gflops)
     return out
 
 
 def run(w: dict, read_gbps: float, gflops: float, max_baseline_rows: int) -> dict:
+    """Times our op and its baselines on one workload; the limit from the op's bytes and essential flops."""
     gen = torch.Generator().manual_seed(0)
-    width = w["heads"] * w["head_dim"]
-    history = torch.randn(w["rows"], width, generator=gen).to(DTYPES[w["dtype"]])
-    queries = torch.randn(w["queries"], w["heads"], w["head_dim"], generator=gen)
-    repeat = 3 if w["rows"] <= 1_000_000 else 1
-    out = dict(w)
-    out["ours_s"] = baselines.best_time(lambda: metaclm_ext.history_topk(queries, history, K), repeat)
-    out["limit_s"] = baselines.limit_seconds(w["rows"], width, history.element_size(), w["queries"], read_gbps, gflops)
-    out["torch_s"] = out["faiss_s"] = None
-    if w["rows"] <= max_baseline_rows:
-        out["torch_s"] = baselines.best_time(lambda: baselines.torch_topk(queries, history, K), repeat)
-        indexes = baselines.faiss_indexes(history, w["heads"])
-        out["faiss_s"] = baselines.best_time(lambda: baselines.faiss_topk(queries, indexes, K), repeat)
-        del indexes
+    n, width, nq = w["rows"], w["heads"] * w["head_dim"], w["queries"]
+    history = torch.randn(n, width, generator=gen).to(DTYPES[w["dtype"]])
+    queries = torch.randn(nq, w["heads"], w["head_dim"], generator=gen)
+    itemsize = history.element_size()
+    if w["op"] == "history_topk":
+        ours = lambda: metaclm_ext.history_topk(queries, history, K)  # noqa: E731
+        candidates = {"torch": lambda: baselines.torch_topk(queries, history, K)}
+        nbytes, flops = n * width * itemsize, 2.0 * n * width * nq
+    elif w["op"] == "history_label_mass":
+        labels = torch.randint(0, NUM_LABELS, (n,), generator=gen)
+        ours = lambda: metaclm_ext.history_label_mass(queries, history, labels, NUM_LABELS)  # noqa: E731
+        candidates = {"torch": lambda: baselines.torch_label_mass(queries, history, labels, NUM_LABELS),
+                      "torch-linear": lambda: baselines.torch_label_mass_linear(queries, history, labels, NUM_LABELS)}
+        # reads rows and labels; one add per element into the per-label sums, then the read-out
+        nbytes, flops = n * (width * itemsize + 8), n * width + 2.0 * nq * NUM_LABELS * width
+    else:  # dual_form_apply: errors as wide as the inputs (D_out = D_in = 128)
+        inputs, errors, q2 = history, torch.randn(n, width, generator=gen).to(history.dtype), queries[:, 0]
+        ours = lambda: metaclm_ext.dual_form_apply(q2, inputs, errors)  # noqa: E731
+        candidates = {"torch": lambda: baselines.torch_dual_form(q2, inputs, errors),
+                      "torch-linear": lambda: baselines.torch_dual_form_linear(q2, inputs, errors)}
+        nbytes, flops = 2 * n * width * itemsize, 2.0 * n * width * width + 2.0 * nq * width * width
+    repeat = 3 if n <= 1_000_000 else 1
+    out = dict(w, baselines={})
+    out["ours_s"] = baselines.best_time(ours, repeat)
+    out["limit_s"] = baselines.floor_seconds(nbytes, flops, read_gbps, gflops)
+    if n <= max_baseline_rows:
+        for name, fn in candidates.items():
+            out["baselines"][name] = baselines.best_time(fn, repeat)
+        if w["op"] == "history_topk":
+            indexes = baselines.faiss_indexes(history, w["heads"])
+            out["baselines"]["faiss"] = baselines.best_time(lambda: baselines.faiss_topk(queries, indexes, K), repeat)
+            del indexes
     return out
 
 
-def fmt(x, spec=".2f"):
+def fmt(x, spec=".3f"):
     return "—" if x is None else format(x, spec)
+
+
+COLUMNS = ("torch", "torch-linear", "faiss")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
     ap.add_argument("--max-baseline-rows", type=int, default=4_000_000,
                     help="skip the (slow) baselines above this many rows (default 4M)")
+    ap.add_argument("--only", choices=["history_topk", "history_label_mass", "dual_form_apply"],
+                    help="run the workloads of one op only")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "benchmarks", "results"))
     ap.add_argument("--store-rows", type=int, default=0,
                     help="also stream an attention history of this many rows from a HistoryStore on disk "
@@ -120,25 +155,28 @@ def main() -> int:
     info = machine()
     print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}")
     print(f"measured: memory read {read_gbps:.1f} GB/s, sgemm {gflops:.0f} GFLOP/s (same run)")
-    print("history_topk, top and last k=10 in one pass; baselines do both (torch: 2 topk; FAISS: 2 searches)\n")
-    header = f"{'workload':<40} {'ours s':>8} {'torch s':>8} {'faiss s':>8} {'best/ours':>9} {'limit s':>8} {'ours/limit':>10}"
+    print("history_topk: top and last k=10 in one pass; baselines do both (torch: 2 topk; FAISS: 2 searches).")
+    print("torch = by scores (O(N Q D)); torch-linear = by linearity (O(N D)), as our label mass and dual form.\n")
+    header = (f"{'op':<18} {'workload':<34} {'ours s':>8} " + " ".join(f"{c + ' s':>15}" for c in COLUMNS)
+              + f" {'best/ours':>9} {'limit s':>8} {'ours/limit':>10}")
     print(header)
     print("-" * len(header))
     rows = []
-    grid = [] if args.store_only else workloads(args.quick)
+    grid = [] if args.store_only else [w for w in workloads(args.quick) if args.only in (None, w["op"])]
     if args.store_rows:
-        grid.append(dict(kind="attn-store", rows=args.store_rows, queries=200, heads=8, head_dim=8, dtype="float16"))
+        grid.append(dict(op="history_topk", kind="attn-store", rows=args.store_rows, queries=200, heads=8, head_dim=8,
+                         dtype="float16"))
     for w in grid:
         if w["kind"] == "attn-store":
             r = run_store(w, os.path.join(args.store_dir, f"attn-{w['rows']}"), read_gbps, gflops)
         else:
             r = run(w, read_gbps, gflops, args.max_baseline_rows)
-        base = [t for t in (r["torch_s"], r["faiss_s"]) if t is not None]
-        r["speedup_vs_best_baseline"] = min(base) / r["ours_s"] if base else None
+        base = r["baselines"]
+        r["speedup_vs_best_baseline"] = min(base.values()) / r["ours_s"] if base else None
         r["fraction_of_limit"] = r["limit_s"] / r["ours_s"]
         label = f"{w['kind']} N={w['rows']:,} Q={w['queries']} {w['dtype']}"
-        print(f"{label:<40} {r['ours_s']:>8.3f} {fmt(r['torch_s'], '.3f'):>8} {fmt(r['faiss_s'], '.3f'):>8} "
-              f"{fmt(r['speedup_vs_best_baseline'], '.1f'):>9} {r['limit_s']:>8.3f} {r['ours_s'] / r['limit_s']:>9.2f}x",
+        print(f"{w['op']:<18} {label:<34} {r['ours_s']:>8.3f} " + " ".join(f"{fmt(base.get(c)):>15}" for c in COLUMNS)
+              + f" {fmt(r['speedup_vs_best_baseline'], '.1f'):>9} {r['limit_s']:>8.3f} {r['ours_s'] / r['limit_s']:>9.2f}x",
               flush=True)
         rows.append(r)
 
@@ -151,7 +189,7 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {os.path.relpath(path)}")
-    if not args.store_only:
+    if not args.store_only and any(r["op"] == "history_topk" for r in rows):
         plot(rows, os.path.join(args.out, f"{name}-time-vs-n.png"), info)
     return 0
 
@@ -162,12 +200,14 @@ def plot(rows: list[dict], path: str, info: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [r for r in rows if r["kind"] == "attn" and r["queries"] == 200 and r["dtype"] == "float16"]
+    series = [r for r in rows
+              if r["op"] == "history_topk" and r["kind"] == "attn" and r["queries"] == 200 and r["dtype"] == "float16"]
     fig, ax = plt.subplots(figsize=(6, 4))
     n = [r["rows"] for r in series]
-    for key, label, style in [("ours_s", "metaclm_ext.history_topk", "o-"), ("torch_s", "torch chunked matmul+topk", "s--"),
-                              ("faiss_s", "FAISS IndexFlatIP (2 searches)", "^--"), ("limit_s", "machine limit", ":")]:
-        pts = [(x, r[key]) for x, r in zip(n, series) if r[key] is not None]
+    times = [dict(r["baselines"], ours=r["ours_s"], limit=r["limit_s"]) for r in series]
+    for key, label, style in [("ours", "metaclm_ext.history_topk", "o-"), ("torch", "torch chunked matmul+topk", "s--"),
+                              ("faiss", "FAISS IndexFlatIP (2 searches)", "^--"), ("limit", "machine limit", ":")]:
+        pts = [(x, t[key]) for x, t in zip(n, times) if key in t]
         if pts:
             ax.plot(*zip(*pts), style, label=label)
     ax.set_xscale("log")

@@ -40,5 +40,5 @@ def test_bench_table_store_workload(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "cpu-store.json").read_text())
     (row,) = result["results"]
-    assert row["kind"] == "attn-store" and row["rows"] == 5000 and row["ours_s"] > 0 and row["limit_s"] > 0
+    assert row["op"] == "history_topk" and row["kind"] == "attn-store" and row["rows"] == 5000 and row["ours_s"] > 0 and row["limit_s"] > 0
     assert "attn-store N=5,000" in proc.stdout
