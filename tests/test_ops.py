@@ -18,6 +18,11 @@ SHAPES = [
     (4, 1, 64, 2049, 33),
     (2, 2, 32, 1500, 1024),
     (6, 3, 5, 257, 1),
+    # enough queries for the CPU kernel's register tiles: 8 queries x 2 row vectors (short heads) and
+    # 6 x 4 (heads of 32 or more), each with leftover queries; dh = 40 takes the runtime-dh path
+    (13, 2, 8, 1500, 10),
+    (14, 1, 128, 900, 10),
+    (9, 1, 40, 700, 5),
 ]
 
 

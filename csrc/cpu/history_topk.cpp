@@ -3,11 +3,13 @@
 //
 // Rows are taken in blocks (sized so one head's slice fits L1), converted once to fp32 (checking for
 // NaN/Inf on the way) and transposed to [D][rows], so that 16 consecutive rows of one head are one
-// vector. Eight queries are scored together against 32 rows: each history vector loaded feeds eight
-// FMAs. Every score vector is compared with the current k-th best keys of its query (two vector
-// compares); only rows that pass (rare once the heaps are full) take the scalar path into the heaps.
-// Threads split the rows, keep private heaps and merge them at the end under the total order
-// (key desc, row asc), so the result does not depend on the number of threads or on the chunking.
+// vector. A register tile of queries (8 for short heads, 6 for long) is scored together against 32 or
+// 64 rows, so each history vector loaded feeds several FMAs. Every score vector is compared with the
+// current k-th best keys of its query (two vector compares); only rows that pass (rare once the
+// selections are full) take the scalar path into them. Threads split the rows, keep private
+// selections seeded with the incoming state's floors, and merge them into the state's heaps at the end
+// under the total order (key desc, row asc), so the result depends neither on the number of threads
+// nor on the chunking.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,8 +24,8 @@ namespace metaclm {
 namespace {
 
 constexpr int64_t kLanes = 16;
-constexpr int64_t kSubBlocks = 2;  // 32 rows per step
-constexpr int64_t kStep = kLanes * kSubBlocks;
+constexpr int64_t kMaxSubBlocks = 4;  // a scan step covers up to 4 vectors of rows
+constexpr int64_t kStep = kLanes * kMaxSubBlocks;  // blocks are padded to whole steps
 constexpr int64_t kMaxBlockRows = 512;  // multiple of kStep
 constexpr int64_t kSliceFloats = 4096;  // a head slice of a block stays within 16 KB (L1)
 constexpr int64_t kPadIndex = std::numeric_limits<int64_t>::max();
@@ -86,16 +88,55 @@ struct Heap {
   }
 };
 
-// Private heaps of one thread: [QH, k] keys and indices for top and last.
+// A thread's private selection of the k best (key, index) pairs, worst_key() the key a candidate must
+// reach. For k <= kSortedMaxK a list sorted best first: a candidate enters at the back and shifts past
+// the few entries it beats (most enter just above the worst), which measured cheaper than a heap's
+// sift-down with its unpredictable branches. For larger k, a heap.
+constexpr int64_t kSortedMaxK = 32;
+
+struct LocalTopK {
+  float* key;
+  int64_t* index;
+  int64_t k;
+
+  bool offer(float v, int64_t i) {
+    if (k > kSortedMaxK) return Heap{key, index, k}.offer(v, i);
+    if (!better(v, i, key[k - 1], index[k - 1])) return false;
+    int64_t pos = k - 1;
+    for (; pos > 0 && better(v, i, key[pos - 1], index[pos - 1]); --pos) {
+      key[pos] = key[pos - 1];
+      index[pos] = index[pos - 1];
+    }
+    key[pos] = v;
+    index[pos] = i;
+    return true;
+  }
+  float worst_key() const { return k > kSortedMaxK ? key[0] : key[k - 1]; }
+};
+
+// Private selections of one thread: [QH, k] keys and indices for top and last. They start full of
+// placeholders (index kPadIndex) at the worst key of the heaps passed in, so a row that cannot beat
+// the state of earlier chunks is never offered (without them every chunk and every thread would
+// refill its selections from -inf). Placeholders are skipped when the thread's selections are merged.
+// The floors (top worst key, -last worst key) of all selections sit together in one small array, so
+// scanning a block reads QB adjacent floors rather than 2 * QB lists scattered over megabytes.
 struct HeapSet {
   std::vector<float> top_key, last_key;
   std::vector<int64_t> top_index, last_index;
+  std::vector<float> floors;  // [QH][2]: top worst key, -(last worst key)
   int64_t k;
-  HeapSet(int64_t qh, int64_t k)
-      : top_key(qh * k, -INFINITY), last_key(qh * k, -INFINITY),
-        top_index(qh * k, kPadIndex), last_index(qh * k, kPadIndex), k(k) {}
-  Heap top(int64_t qh) { return {top_key.data() + qh * k, top_index.data() + qh * k, k}; }
-  Heap last(int64_t qh) { return {last_key.data() + qh * k, last_index.data() + qh * k, k}; }
+  HeapSet(int64_t qh, int64_t k, const float* in_top_key, const float* in_last_key)
+      : top_key(qh * k), last_key(qh * k), top_index(qh * k, kPadIndex), last_index(qh * k, kPadIndex),
+        floors(2 * qh), k(k) {
+    for (int64_t j = 0; j < qh; ++j) {
+      std::fill_n(top_key.data() + j * k, k, in_top_key[j * k]);  // [0] is a heap's worst entry
+      std::fill_n(last_key.data() + j * k, k, in_last_key[j * k]);
+      floors[2 * j] = in_top_key[j * k];
+      floors[2 * j + 1] = -in_last_key[j * k];
+    }
+  }
+  LocalTopK top(int64_t qh) { return {top_key.data() + qh * k, top_index.data() + qh * k, k}; }
+  LocalTopK last(int64_t qh) { return {last_key.data() + qh * k, last_index.data() + qh * k, k}; }
 };
 
 #if defined(__AVX512F__)
@@ -195,8 +236,8 @@ struct BlockTask {
 };
 
 // Offers the lanes of one score vector (rows first .. first+15 of the block) that pass the floors.
-__attribute__((noinline)) void offer_lanes(vfloat acc, int64_t first, int64_t n_valid, int64_t base_row, Heap& top,
-                                           Heap& last, float& top_floor, float& last_floor) {
+__attribute__((noinline)) void offer_lanes(vfloat acc, int64_t first, int64_t n_valid, int64_t base_row,
+                                           LocalTopK& top, LocalTopK& last, float& top_floor, float& last_floor) {
   uint32_t pass = pass_mask(acc, top_floor, last_floor);
   while (pass) {
     const int lane = __builtin_ctz(pass);
@@ -204,19 +245,19 @@ __attribute__((noinline)) void offer_lanes(vfloat acc, int64_t first, int64_t n_
     if (first + lane >= n_valid) break;
     const float score = acc[lane];
     const int64_t row = base_row + first + lane;
-    if (top.offer(score, row)) top_floor = top.key[0];
-    if (last.offer(-score, row)) last_floor = -last.key[0];
+    if (top.offer(score, row)) top_floor = top.worst_key();
+    if (last.offer(-score, row)) last_floor = -last.worst_key();
   }
 }
 
-// Scores the block against QB queries (qi .. qi+QB-1) of head h at once, so each history vector loaded
-// feeds QB * kSubBlocks FMAs, and offers the candidates to their heaps. DH > 0 fixes the head dimension
+// Scores the block against QB queries (qi .. qi+QB-1) of head h at once, S vectors of 16 rows per step,
+// so each history vector loaded feeds QB FMAs and each query value S, and offers the candidates to their heaps. DH > 0 fixes the head dimension
 // at compile time (fully unrolled); 0 means the runtime task.dh.
-template <int DH, int QB>
+template <int DH, int QB, int S>
 void scan_queries(const BlockTask& t, int64_t qi, HeapSet& heaps) {
   const int64_t dh = DH > 0 ? DH : t.dh;
   const float* q[QB];
-  Heap top[QB], last[QB];
+  LocalTopK top[QB], last[QB];
   float top_floor[QB], last_floor[QB];
   int64_t n_valid[QB];
   int64_t n_max = 0;
@@ -225,57 +266,68 @@ void scan_queries(const BlockTask& t, int64_t qi, HeapSet& heaps) {
     q[b] = t.queries + qh * dh;
     top[b] = heaps.top(qh);
     last[b] = heaps.last(qh);
-    top_floor[b] = top[b].key[0];
-    last_floor[b] = -last[b].key[0];
+    top_floor[b] = heaps.floors[2 * qh];
+    last_floor[b] = heaps.floors[2 * qh + 1];
     n_valid[b] = std::min(t.rows, t.limit[qi + b] - t.base_row);
     n_max = std::max(n_max, n_valid[b]);
   }
-  for (int64_t r0 = 0; r0 < n_max; r0 += kStep) {
+  for (int64_t r0 = 0; r0 < n_max; r0 += kLanes * S) {
     const float* x_at = t.slice + r0;
-    vfloat acc[QB][kSubBlocks];
+    vfloat acc[QB][S];
     {  // the first dimension multiplies, so the accumulators need no zeroing
-      vfloat x[kSubBlocks];
-      for (int64_t s = 0; s < kSubBlocks; ++s) x[s] = load_vfloat(x_at + s * kLanes);
+      vfloat x[S];
+      for (int64_t s = 0; s < S; ++s) x[s] = load_vfloat(x_at + s * kLanes);
       for (int b = 0; b < QB; ++b) {
-        for (int64_t s = 0; s < kSubBlocks; ++s) acc[b][s] = x[s] * q[b][0];
+        for (int64_t s = 0; s < S; ++s) acc[b][s] = x[s] * q[b][0];
       }
     }
 #pragma GCC unroll 16
     for (int64_t j = 1; j < dh; ++j) {
-      vfloat x[kSubBlocks];
-      for (int64_t s = 0; s < kSubBlocks; ++s) x[s] = load_vfloat(x_at + j * t.stride + s * kLanes);
+      vfloat x[S];
+      for (int64_t s = 0; s < S; ++s) x[s] = load_vfloat(x_at + j * t.stride + s * kLanes);
       for (int b = 0; b < QB; ++b) {
         const float qj = q[b][j];
-        for (int64_t s = 0; s < kSubBlocks; ++s) acc[b][s] += x[s] * qj;
+        for (int64_t s = 0; s < S; ++s) acc[b][s] += x[s] * qj;
       }
     }
     // Hot path: only compare; the rare passing vectors go to the heaps outside the unrolled loop.
-    uint32_t pass[QB][kSubBlocks];
+    uint32_t pass[QB][S];
     uint32_t any = 0;
     for (int b = 0; b < QB; ++b) {
-      for (int64_t s = 0; s < kSubBlocks; ++s) {
+      for (int64_t s = 0; s < S; ++s) {
         pass[b][s] = pass_mask(acc[b][s], top_floor[b], last_floor[b]);
         any |= pass[b][s];
       }
     }
     if (__builtin_expect(any != 0, 0)) {
       for (int b = 0; b < QB; ++b) {
-        for (int64_t s = 0; s < kSubBlocks; ++s) {
+        for (int64_t s = 0; s < S; ++s) {
           if (pass[b][s]) offer_lanes(acc[b][s], r0 + s * kLanes, n_valid[b], t.base_row, top[b], last[b], top_floor[b], last_floor[b]);
         }
       }
     }
   }
+  for (int b = 0; b < QB; ++b) {
+    const int64_t qh = (qi + b) * t.nh + t.h;
+    heaps.floors[2 * qh] = top_floor[b];
+    heaps.floors[2 * qh + 1] = last_floor[b];
+  }
 }
 
-// Scores the block against every query of head h, eight at a time (8 x 2 accumulators: best measured
-// on this project's AVX-512 machine among 2/4/6 x 4 and 8 x 2).
+// Scores the block against every query of head h. Register tiles measured on this project's 2-core
+// Xeon (AVX-512, one 512-bit load per cycle): 8 queries x 2 row vectors for short heads (Dh = 8, where
+// the per-vector compares weigh), 6 x 4 for long ones (D = 128: fewer loads per FMA).
 template <int DH>
 void scan_block(const BlockTask& t, HeapSet& heaps) {
-  constexpr int kQueryBlock = 8;
+  const int64_t dh = DH > 0 ? DH : t.dh;
   int64_t qi = 0;
-  for (; qi + kQueryBlock <= t.nq; qi += kQueryBlock) scan_queries<DH, kQueryBlock>(t, qi, heaps);
-  for (; qi < t.nq; ++qi) scan_queries<DH, 1>(t, qi, heaps);
+  if (dh >= 32) {
+    for (; qi + 6 <= t.nq; qi += 6) scan_queries<DH, 6, 4>(t, qi, heaps);
+    for (; qi < t.nq; ++qi) scan_queries<DH, 1, 4>(t, qi, heaps);
+  } else {
+    for (; qi + 8 <= t.nq; qi += 8) scan_queries<DH, 8, 2>(t, qi, heaps);
+    for (; qi < t.nq; ++qi) scan_queries<DH, 1, 2>(t, qi, heaps);
+  }
 }
 
 using ScanFn = void (*)(const BlockTask&, HeapSet&);
@@ -302,9 +354,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
   auto q = queries.contiguous();
   auto hist = history.contiguous();
   auto lim = limit.contiguous();
-  auto out_top_keys = top_keys.contiguous().clone();
+  const auto in_top_keys = top_keys.contiguous(), in_last_keys = last_keys.contiguous();  // read-only: seeds
+  auto out_top_keys = in_top_keys.clone();
   auto out_top_indices = top_indices.contiguous().clone();
-  auto out_last_keys = last_keys.contiguous().clone();
+  auto out_last_keys = in_last_keys.clone();
   auto out_last_indices = last_indices.contiguous().clone();
   const float* qp = q.data_ptr<float>();
   const int64_t* limp = lim.data_ptr<int64_t>();
@@ -319,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
     const int64_t block_rows = block_rows_for(dh);
     const int64_t blocks = (n + block_rows - 1) / block_rows;
     at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-      HeapSet local(qh, k);
+      HeapSet local(qh, k, in_top_keys.const_data_ptr<float>(), in_last_keys.const_data_ptr<float>());
       // One spare cache line per dimension: a power-of-two stride would map every dimension's row of
       // the block to the same few cache sets (measured: the transposing stores ran 2x slower).
       const int64_t stride = block_rows + kLanes;
@@ -343,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
       int64_t* li = out_last_indices.data_ptr<int64_t>();
       for (int64_t j = 0; j < qh; ++j) {
         Heap top{tk + j * k, ti + j * k, k}, last{lk + j * k, li + j * k, k};
-        Heap ltop = local.top(j), llast = local.last(j);
+        const LocalTopK ltop = local.top(j), llast = local.last(j);
         for (int64_t e = 0; e < k; ++e) {
           if (ltop.index[e] != kPadIndex) top.offer(ltop.key[e], ltop.index[e]);
           if (llast.index[e] != kPadIndex) last.offer(llast.key[e], llast.index[e]);
