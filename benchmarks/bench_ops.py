@@ -90,3 +90,18 @@ def test_dual_form_ours(benchmark, ffn_data):
 def test_dual_form_torch(benchmark, ffn_data):
     queries, inputs, errors = ffn_data
     benchmark(baselines.torch_dual_form, queries, inputs, errors)
+
+
+@pytest.mark.benchmark(group="history_label_mass attn 280 labels")
+def test_label_mass_torch_linear(benchmark, attn_data):
+    queries, history = attn_data
+    labels = torch.randint(0, 280, (history.shape[0],), generator=torch.Generator().manual_seed(2))
+    got = benchmark(baselines.torch_label_mass_linear, queries, history, labels, 280)
+    assert torch.allclose(got, baselines.torch_label_mass(queries, history, labels, 280), rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.benchmark(group="dual_form_apply D=128 fp16")
+def test_dual_form_torch_linear(benchmark, ffn_data):
+    queries, inputs, errors = ffn_data
+    got = benchmark(baselines.torch_dual_form_linear, queries, inputs, errors)
+    assert torch.allclose(got, baselines.torch_dual_form(queries, inputs, errors), rtol=1e-3, atol=1e-1)
