@@ -129,11 +129,7 @@ def sgemm_gflops(n: int = 2048) -> float:
     return 2 * n**3 / best_time(lambda: a @ b) / 1e9
 
 
-def limit_seconds(rows: int, width: int, itemsize: int, num_queries: int, read_gbps: float, gflops: float) -> float:
-    """history_topk's floor for one pass: the larger of reading the history and doing its FMAs."""
-    return floor_seconds(rows * width * itemsize, 2.0 * rows * width * num_queries, read_gbps, gflops)
-
-
 def floor_seconds(nbytes: float, flops: float, read_gbps: float, gflops: float) -> float:
-    """The machine's floor for a pass that reads `nbytes` and does `flops`: max(bytes / bandwidth, flops / sgemm)."""
+    """The machine's floor for a pass that reads `nbytes` and does `flops`: max(bytes / bandwidth, flops / sgemm).
+    history_topk reads N * D * itemsize bytes and does 2 * N * D * Q flops."""
     return max(nbytes / (read_gbps * 1e9), flops / (gflops * 1e9))
