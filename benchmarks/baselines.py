@@ -130,6 +130,5 @@ def sgemm_gflops(n: int = 2048) -> float:
 
 
 def floor_seconds(nbytes: float, flops: float, read_gbps: float, gflops: float) -> float:
-    """The machine's floor for a pass that reads `nbytes` and does `flops`: max(bytes / bandwidth, flops / sgemm).
-    history_topk reads N * D * itemsize bytes and does 2 * N * D * Q flops."""
+    """The machine's floor for a pass that reads `nbytes` and does `flops`: max(bytes / bandwidth, flops / sgemm)."""
     return max(nbytes / (read_gbps * 1e9), flops / (gflops * 1e9))

@@ -8,7 +8,7 @@ before every workload, and the highest is used. Flops are the op's essential wor
 O(N D), not the O(N Q D) of scoring every row. Saves JSON (with the machine's description) and a plot
 of time against N under benchmarks/results/.
 
-    python scripts/bench_table.py                 # the default grid (about 25 minutes on 2 cores)
+    python scripts/bench_table.py                 # the default grid (16 minutes on 2 cores)
     python scripts/bench_table.py --quick         # small sizes, a few minutes
     python scripts/bench_table.py --only history_label_mass   # one op's workloads
     python scripts/bench_table.py --store-rows 50000000 --store-only   # 50M rows streamed from a store on disk
@@ -75,6 +75,11 @@ def write_store(path: str, rows: int, width: int, dtype: str, block: int = 1 << 
             w.append({"h": torch.randn(min(block, rows - start), width, generator=gen).to(DTYPES[dtype])})
 
 
+def topk_work(rows: int, width: int, itemsize: int, queries: int) -> tuple[float, float]:
+    """history_topk's bytes read and flops: every row once, one FMA per (row element, query)."""
+    return rows * width * itemsize, 2.0 * rows * width * queries
+
+
 def run_store(w: dict, path: str) -> dict:
     """history_topk streamed from a store on disk (first pass after writing: the page cache holds what fits)."""
     from metaclm_ext import HistoryStore
@@ -86,7 +91,7 @@ def run_store(w: dict, path: str) -> dict:
     queries = torch.randn(w["queries"], w["heads"], w["head_dim"], generator=torch.Generator().manual_seed(1))
     out = dict(w, baselines={})
     out["ours_s"] = baselines.best_time(lambda: metaclm_ext.history_topk(queries, store["h"], K), 1)
-    out["bytes"], out["flops"] = w["rows"] * width * DTYPES[w["dtype"]].itemsize, 2.0 * w["rows"] * width * w["queries"]
+    out["bytes"], out["flops"] = topk_work(w["rows"], width, DTYPES[w["dtype"]].itemsize, w["queries"])
     return out
 
 
@@ -100,7 +105,7 @@ def run(w: dict, max_baseline_rows: int) -> dict:
     if w["op"] == "history_topk":
         ours = lambda: metaclm_ext.history_topk(queries, history, K)  # noqa: E731
         candidates = {"torch": lambda: baselines.torch_topk(queries, history, K)}
-        nbytes, flops = n * width * itemsize, 2.0 * n * width * nq
+        nbytes, flops = topk_work(n, width, itemsize, nq)
     elif w["op"] == "history_label_mass":
         labels = torch.randint(0, NUM_LABELS, (n,), generator=gen)
         ours = lambda: metaclm_ext.history_label_mass(queries, history, labels, NUM_LABELS)  # noqa: E731

@@ -27,9 +27,7 @@ void accumulate_rows(const T* rows, const int64_t* labels, int64_t begin, int64_
     for (int64_t r = b; r < e; ++r) {
       const T* src = rows + r * d;
       if (!row_is_finite(src, d) || labels[r] < 0 || labels[r] >= num_labels) {
-        int64_t seen = first_bad.load();
-        while (r < seen && !first_bad.compare_exchange_weak(seen, r)) {
-        }
+        lower_to(first_bad, r);
         return;
       }
       double* dst = local.data() + labels[r] * d;
@@ -59,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> history_label_mass_merge_cpu(
   const int64_t* limp = lim.data_ptr<int64_t>();
   double* sums = out_sums.data_ptr<double>();
   const auto q64 = q.to(at::kDouble);
-  const Breakpoints bp = breakpoints_in_chunk(limit.contiguous(), row_offset, n);
+  const Breakpoints bp = breakpoints_in_chunk(lim, row_offset, n);
 
   dispatch_history_dtype(hist.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -43,22 +43,19 @@ inline int64_t block_rows_for(int64_t dh) {
   return std::max(kStep, std::min(kMaxBlockRows, kSliceFloats / dh / kStep * kStep));
 }
 
-// Bit i set if lane i of hi may enter the top heap (hi >= top_floor) or lane i of lo the last heap
-// (lo <= last_floor): >= and <=, not > and <, as a tie with the floor may still win on its row number.
-inline uint32_t pass_mask_split(vfloat hi, vfloat lo, float top_floor, float last_floor) {
+// Bit i set if lane i of acc may enter a selection: acc >= top_floor or acc <= last_floor (>= and <=,
+// not > and <: a tie with the floor may still win on its row number).
+inline uint32_t pass_mask(vfloat acc, float top_floor, float last_floor) {
 #if defined(__AVX512F__)
-  return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(hi), _mm512_set1_ps(top_floor), _CMP_GE_OQ) |
-         _mm512_cmp_ps_mask(reinterpret_cast<__m512>(lo), _mm512_set1_ps(last_floor), _CMP_LE_OQ);
+  const __m512 a = reinterpret_cast<__m512>(acc);
+  return _mm512_cmp_ps_mask(a, _mm512_set1_ps(top_floor), _CMP_GE_OQ) |
+         _mm512_cmp_ps_mask(a, _mm512_set1_ps(last_floor), _CMP_LE_OQ);
 #else
-  const vint pass = (hi >= top_floor) | (lo <= last_floor);
+  const vint pass = (acc >= top_floor) | (acc <= last_floor);
   uint32_t bits = 0;
   for (int64_t i = 0; i < kLanes; ++i) bits |= static_cast<uint32_t>(pass[i] != 0) << i;
   return bits;
 #endif
-}
-
-inline uint32_t pass_mask(vfloat acc, float top_floor, float last_floor) {
-  return pass_mask_split(acc, acc, top_floor, last_floor);
 }
 
 inline bool better(float av, int64_t ai, float bv, int64_t bi) { return av > bv || (av == bv && ai < bi); }
@@ -120,12 +117,12 @@ struct LocalTopK {
 // refill its selections from -inf). Placeholders are skipped when the thread's selections are merged.
 // The floors (top worst key, -last worst key) of all selections sit together in one small array, so
 // scanning a block reads QB adjacent floors rather than 2 * QB lists scattered over megabytes.
-struct HeapSet {
+struct ThreadSelections {
   std::vector<float> top_key, last_key;
   std::vector<int64_t> top_index, last_index;
   std::vector<float> floors;  // [QH][2]: top worst key, -(last worst key)
   int64_t k;
-  HeapSet(int64_t qh, int64_t k, const float* in_top_key, const float* in_last_key)
+  ThreadSelections(int64_t qh, int64_t k, const float* in_top_key, const float* in_last_key)
       : top_key(qh * k), last_key(qh * k), top_index(qh * k, kPadIndex), last_index(qh * k, kPadIndex),
         floors(2 * qh), k(k) {
     for (int64_t j = 0; j < qh; ++j) {
@@ -251,10 +248,10 @@ __attribute__((noinline)) void offer_lanes(vfloat acc, int64_t first, int64_t n_
 }
 
 // Scores the block against QB queries (qi .. qi+QB-1) of head h at once, S vectors of 16 rows per step,
-// so each history vector loaded feeds QB FMAs and each query value S, and offers the candidates to their heaps. DH > 0 fixes the head dimension
+// so each history vector loaded feeds QB FMAs and each query value S, and offers the candidates to their selections. DH > 0 fixes the head dimension
 // at compile time (fully unrolled); 0 means the runtime task.dh.
 template <int DH, int QB, int S>
-void scan_queries(const BlockTask& t, int64_t qi, HeapSet& heaps) {
+void scan_queries(const BlockTask& t, int64_t qi, ThreadSelections& selections) {
   const int64_t dh = DH > 0 ? DH : t.dh;
   const float* q[QB];
   LocalTopK top[QB], last[QB];
@@ -264,10 +261,10 @@ void scan_queries(const BlockTask& t, int64_t qi, HeapSet& heaps) {
   for (int b = 0; b < QB; ++b) {
     const int64_t qh = (qi + b) * t.nh + t.h;
     q[b] = t.queries + qh * dh;
-    top[b] = heaps.top(qh);
-    last[b] = heaps.last(qh);
-    top_floor[b] = heaps.floors[2 * qh];
-    last_floor[b] = heaps.floors[2 * qh + 1];
+    top[b] = selections.top(qh);
+    last[b] = selections.last(qh);
+    top_floor[b] = selections.floors[2 * qh];
+    last_floor[b] = selections.floors[2 * qh + 1];
     n_valid[b] = std::min(t.rows, t.limit[qi + b] - t.base_row);
     n_max = std::max(n_max, n_valid[b]);
   }
@@ -290,7 +287,7 @@ void scan_queries(const BlockTask& t, int64_t qi, HeapSet& heaps) {
         for (int64_t s = 0; s < S; ++s) acc[b][s] += x[s] * qj;
       }
     }
-    // Hot path: only compare; the rare passing vectors go to the heaps outside the unrolled loop.
+    // Hot path: only compare; the rare passing vectors go to the selections outside the unrolled loop.
     uint32_t pass[QB][S];
     uint32_t any = 0;
     for (int b = 0; b < QB; ++b) {
@@ -309,8 +306,8 @@ void scan_queries(const BlockTask& t, int64_t qi, HeapSet& heaps) {
   }
   for (int b = 0; b < QB; ++b) {
     const int64_t qh = (qi + b) * t.nh + t.h;
-    heaps.floors[2 * qh] = top_floor[b];
-    heaps.floors[2 * qh + 1] = last_floor[b];
+    selections.floors[2 * qh] = top_floor[b];
+    selections.floors[2 * qh + 1] = last_floor[b];
   }
 }
 
@@ -318,19 +315,19 @@ void scan_queries(const BlockTask& t, int64_t qi, HeapSet& heaps) {
 // Xeon (AVX-512, one 512-bit load per cycle): 8 queries x 2 row vectors for short heads (Dh = 8, where
 // the per-vector compares weigh), 6 x 4 for long ones (D = 128: fewer loads per FMA).
 template <int DH>
-void scan_block(const BlockTask& t, HeapSet& heaps) {
+void scan_block(const BlockTask& t, ThreadSelections& selections) {
   const int64_t dh = DH > 0 ? DH : t.dh;
   int64_t qi = 0;
   if (dh >= 32) {
-    for (; qi + 6 <= t.nq; qi += 6) scan_queries<DH, 6, 4>(t, qi, heaps);
-    for (; qi < t.nq; ++qi) scan_queries<DH, 1, 4>(t, qi, heaps);
+    for (; qi + 6 <= t.nq; qi += 6) scan_queries<DH, 6, 4>(t, qi, selections);
+    for (; qi < t.nq; ++qi) scan_queries<DH, 1, 4>(t, qi, selections);
   } else {
-    for (; qi + 8 <= t.nq; qi += 8) scan_queries<DH, 8, 2>(t, qi, heaps);
-    for (; qi < t.nq; ++qi) scan_queries<DH, 1, 2>(t, qi, heaps);
+    for (; qi + 8 <= t.nq; qi += 8) scan_queries<DH, 8, 2>(t, qi, selections);
+    for (; qi < t.nq; ++qi) scan_queries<DH, 1, 2>(t, qi, selections);
   }
 }
 
-using ScanFn = void (*)(const BlockTask&, HeapSet&);
+using ScanFn = void (*)(const BlockTask&, ThreadSelections&);
 
 ScanFn pick_scan(int64_t dh) {
   switch (dh) {
@@ -372,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
     const int64_t block_rows = block_rows_for(dh);
     const int64_t blocks = (n + block_rows - 1) / block_rows;
     at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-      HeapSet local(qh, k, in_top_keys.const_data_ptr<float>(), in_last_keys.const_data_ptr<float>());
+      ThreadSelections local(qh, k, in_top_keys.const_data_ptr<float>(), in_last_keys.const_data_ptr<float>());
       // One spare cache line per dimension: a power-of-two stride would map every dimension's row of
       // the block to the same few cache sets (measured: the transposing stores ran 2x slower).
       const int64_t stride = block_rows + kLanes;
@@ -381,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
         const int64_t first = b * block_rows;
         const int64_t rows = std::min(block_rows, n - first);
         if (!load_block(hp + first * d, rows, d, stride, block.data())) {
-          first_bad_block.store(std::min(first_bad_block.load(), b));  // reported after the loop
+          lower_to(first_bad_block, b);  // reported after the loop
           return;
         }
         const int64_t base = row_offset + first;

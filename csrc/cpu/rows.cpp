@@ -17,9 +17,7 @@ void check_finite_rows(const at::Tensor& rows_any_layout, int64_t row_offset, co
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (!row_is_finite(data + r * d, d)) {
-          int64_t seen = first_bad.load();
-          while (r < seen && !first_bad.compare_exchange_weak(seen, r)) {
-          }
+          lower_to(first_bad, r);
           return;
         }
       }

@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -93,6 +94,14 @@ inline void dispatch_history_dtype(at::ScalarType t, Fn&& fn) {
     case at::kHalf: fn(c10::Half{}); break;
     case at::kBFloat16: fn(c10::BFloat16{}); break;
     default: TORCH_CHECK_VALUE(false, "unsupported history dtype ", t);
+  }
+}
+
+// Lowers `first` to `value` if that is smaller, atomically: the first bad row over threads that each
+// stop at their own first one.
+inline void lower_to(std::atomic<int64_t>& first, int64_t value) {
+  int64_t seen = first.load();
+  while (value < seen && !first.compare_exchange_weak(seen, value)) {
   }
 }
 
