@@ -58,8 +58,9 @@ def test_topk_bad_input(kwargs, error, match):
 def test_non_finite_history_names_row(bad, dtype):
     history = torch.randn(5000, 8).to(dtype)
     history[3210, 5] = bad
-    with pytest.raises(ValueError, match=r"history row 3210 contains NaN or Inf"):
-        topk(history=history, chunk_rows=1000)
+    for queries in (Q, torch.randn(3, 1, 8)):  # heads of 4 and of 8 dimensions: the CPU kernel's two scans
+        with pytest.raises(ValueError, match=r"history row 3210 contains NaN or Inf"):
+            topk(queries=queries, history=history, chunk_rows=1000)
     with pytest.raises(ValueError, match=r"history row 3210 contains NaN or Inf"):
         metaclm_ext.history_label_mass(Q, history, torch.zeros(5000, dtype=torch.int64), 1)
     with pytest.raises(ValueError, match=r"inputs row 3210 contains NaN or Inf"):

@@ -18,9 +18,14 @@ SHAPES = [
     (4, 1, 64, 2049, 33),
     (2, 2, 32, 1500, 1024),
     (6, 3, 5, 257, 1),
-    # enough queries for the CPU kernel's register tiles: 8 queries x 2 row vectors (short heads) and
-    # 6 x 4 (heads of 32 or more), each with leftover queries; dh = 40 takes the runtime-dh path
+    # enough queries for the CPU kernel's register tiles: for dh = 8, pairs of 16-query vectors and a
+    # partial vector left over (37 queries; 40 with k past the sorted-list size); for others 8 queries
+    # x 2 row vectors (short heads) and 6 x 4 (heads of 32 or more), each with leftover queries; dh = 40
+    # takes the runtime-dh path
     (13, 2, 8, 1500, 10),
+    (37, 3, 8, 1100, 10),
+    (40, 1, 8, 700, 40),
+    (11, 2, 16, 1300, 10),
     (14, 1, 128, 900, 10),
     (9, 1, 40, 700, 5),
 ]
@@ -66,6 +71,20 @@ def test_topk_query_dtype_mixes(gen):
         assert_selection_equal(got.top, want.top)
 
 
+@pytest.mark.parametrize("low", [1, -30])
+def test_topk_scores_of_one_sign_match_reference(low, gen):
+    """Scores all positive or all negative: the selections' floors are then far from symmetric around
+    zero, where the CPU kernel's scan of short heads must test its tiles by their extremes rather than
+    by their magnitude (both tests are exercised: random-sign scores take the other)."""
+    queries = small_ints((40, 2, 8), gen, low=1, high=4)
+    history = small_ints((2500, 16), gen, low=low, high=low + 4, dtype=torch.float16)
+    limit = random_limits(gen, 40, 2500)
+    got = metaclm_ext.history_topk(queries, history, 10, limit=limit)
+    want = ref.history_topk_reference(queries, history, 10, limit=limit)
+    assert_selection_equal(got.top, want.top)
+    assert_selection_equal(got.last, want.last)
+
+
 def test_topk_ties_go_to_lower_rows():
     history = torch.ones(50, 4)
     got = metaclm_ext.history_topk(torch.ones(1, 4), history, 5, chunk_rows=7)
@@ -97,7 +116,7 @@ def test_topk_int_limit_and_2d_queries(gen):
 
 
 @given(
-    q=st.integers(1, 4), h=st.integers(1, 4), dh=st.integers(1, 20), n=st.integers(1, 700),
+    q=st.integers(1, 40), h=st.integers(1, 4), dh=st.integers(1, 20), n=st.integers(1, 700),
     k_frac=st.floats(0.0, 1.0), chunk=st.integers(1, 800), seed=st.integers(0, 2**31 - 1),
     dtype=st.sampled_from(DTYPES),
 )
