@@ -107,6 +107,19 @@ def test_cuda_glue_syntax(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.parametrize("source", sorted(glob.glob(os.path.join(REPO, "csrc", "cpu", "*.cpp"))), ids=os.path.basename)
+def test_cpu_kernels_compile_without_native_isa(source):
+    """The build uses -march=native (METACLM_PORTABLE=1 drops it), and the CPU kernels have AVX-512 and
+    F16C paths with fallbacks: check that the fallbacks compile for plain x86-64 as well."""
+    from torch.utils.cpp_extension import include_paths
+
+    cmd = ["c++", "-fsyntax-only", "-std=c++17", "-fopenmp", "-Wno-psabi", *(f"-I{p}" for p in include_paths()),
+           f"-I{sysconfig.get_paths()['include']}", "-I", os.path.join(REPO, "csrc"), source]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def test_import_error_message_is_clear(tmp_path):
     """A checkout without the built extension fails with instructions, not a bare ImportError."""
     pkg = tmp_path / "metaclm_ext"

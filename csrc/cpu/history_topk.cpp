@@ -414,6 +414,8 @@ ScanFn pick_scan(int64_t dh) {
   }
 }
 
+constexpr int64_t kQueryBlockRows = 512;  // rows per block of the query-vector scan (a head's slice: 16 KB)
+
 #if METACLM_QUERY_VECTOR_SCAN
 // Query-vector scan, for heads of kQueryDh dimensions. There the roles flip: 16 queries of one head are
 // one vector (their dimensions stay in registers for the whole block), each history value is
@@ -425,7 +427,6 @@ ScanFn pick_scan(int64_t dh) {
 // 0.135 s, by magnitude 0.112 s (119 G multiply-adds/s, about 80% of the FMA units' peak).
 constexpr int64_t kQueryDh = 8;
 constexpr int64_t kQueryTileRows = 4;
-constexpr int64_t kQueryBlockRows = 512;  // one head's slice of a block: 16 KB
 
 // The queries laid out for the query-vector scan: [H][Dh][padded Q], zero past nq; per-lane limits
 // (zero past nq, so padding lanes never count) and each vector's largest limit.
