@@ -449,29 +449,17 @@ struct QueryVectors {
   }
 };
 
-// 8 consecutive elements of a row as fp32.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
 // Converts rows [0, n) of a [n, H * kQueryDh] block to fp32 laid out as [H][head_stride] with rows of
 // kQueryDh floats, zero-padding to whole tiles. Returns false if the block holds a NaN or Inf.
 template <typename T>
 bool load_block_by_head(const T* rows, int64_t n, int64_t nh, int64_t head_stride, float* out) {
-  __m256 probe = _mm256_setzero_ps();
+  if (!row_is_finite(rows, n * nh * kQueryDh)) return false;  // the block is contiguous: one check
   for (int64_t r = 0; r < n; ++r) {
-    for (int64_t h = 0; h < nh; ++h) {
-      const __m256 x = load8(rows + (r * nh + h) * kQueryDh);
-      probe = _mm256_add_ps(probe, _mm256_sub_ps(x, x));
-      _mm256_storeu_ps(out + h * head_stride + r * kQueryDh, x);
-    }
+    for (int64_t h = 0; h < nh; ++h) row_to_float(rows + (r * nh + h) * kQueryDh, kQueryDh, out + h * head_stride + r * kQueryDh);
   }
   const int64_t padded = (n + kQueryTileRows - 1) / kQueryTileRows * kQueryTileRows;
   for (int64_t h = 0; h < nh; ++h) std::fill(out + h * head_stride + n * kQueryDh, out + h * head_stride + padded * kQueryDh, 0.f);
-  return _mm256_movemask_ps(_mm256_cmp_ps(probe, _mm256_setzero_ps(), _CMP_NEQ_UQ)) == 0;
+  return true;
 }
 
 // What one head of a block is scored against: all query vectors of head h.
