@@ -239,8 +239,11 @@ const TransposeIndex kTransposeIndex;
 
 // In-place transpose of a 16x16 fp32 tile held as 16 rows: swap the off-diagonal b x b blocks for
 // b = 8, 4, 2, 1 (each swap is two two-source permutes per row pair).
-inline void transpose16(__m512 r[16], const __m512i lo[4], const __m512i hi[4]) {
-  for (int s = 0, b = 8; s < 4; ++s, b >>= 1) {
+__attribute__((always_inline)) inline void transpose16(__m512 (&r)[16], const __m512i (&lo)[4], const __m512i (&hi)[4]) {
+#pragma GCC unroll 4
+  for (int s = 0; s < 4; ++s) {
+    const int b = 8 >> s;
+#pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {
       if (i & b) continue;
       const __m512 top = r[i], bottom = r[i + b];
@@ -263,15 +266,13 @@ bool load_block(const T* rows, int64_t n, int64_t d, int64_t stride, float* out)
       lo[s] = _mm512_load_si512(kTransposeIndex.lo[s]);
       hi[s] = _mm512_load_si512(kTransposeIndex.hi[s]);
     }
-    const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
     for (; r + 16 <= n; r += 16) {
-      // The next 16 rows are needed in a moment: start their cache lines now.
-      const char* next = reinterpret_cast<const char*>(rows + std::min(r + 16, n - 1) * d);
-      for (int64_t off = 0; off < 16 * row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
       for (int64_t j0 = 0; j0 < d; j0 += 16) {
         __m512 tile[16];
+#pragma GCC unroll 16
         for (int i = 0; i < 16; ++i) tile[i] = load16(rows + (r + i) * d + j0);
         transpose16(tile, lo, hi);
+#pragma GCC unroll 16
         for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + (j0 + j) * stride + r, tile[j]);
       }
     }
@@ -296,6 +297,27 @@ bool load_block(const T* rows, int64_t n, int64_t d, int64_t stride, float* out)
   return true;
 }
 
+// Pulls the thread's next block of rows into L2 a few lines per step while the current block is scored
+// (a step: one tile group of the scan), so loading it afterwards reads from cache rather than waiting
+// on memory: a core streams rows far slower than it scores them in cache.
+class NextBlockPrefetch {
+ public:
+  void start(const void* next, int64_t bytes, int64_t steps) {
+    at_ = static_cast<const char*>(next);
+    end_ = at_ + (next ? bytes : 0);
+    per_step_ = ((bytes + 63) / 64 + steps - 1) / std::max<int64_t>(steps, 1) * 64;
+  }
+  void step() {
+    const char* stop = std::min(end_, at_ + per_step_);
+    for (; at_ < stop; at_ += 64) __builtin_prefetch(at_, 0, 2);  // prefetcht1: into L2
+  }
+
+ private:
+  const char* at_ = nullptr;
+  const char* end_ = nullptr;
+  int64_t per_step_ = 0;
+};
+
 // What one block of rows is scored against: every query's head h.
 struct BlockTask {
   const float* slice;    // [Dh][stride] fp32 rows of head h
@@ -305,6 +327,7 @@ struct BlockTask {
   const float* queries;  // [Q, H, Dh]
   const int64_t* limit;  // [Q]
   int64_t nq, nh, h, dh;
+  NextBlockPrefetch* prefetch;
 };
 
 // Offers the lanes of one score vector (rows first .. first+15 of the block) that pass the floors.
@@ -393,11 +416,11 @@ void scan_block(const BlockTask& t, ThreadSelections& selections) {
   const int64_t dh = DH > 0 ? DH : t.dh;
   int64_t qi = 0;
   if (dh >= 32) {
-    for (; qi + 6 <= t.nq; qi += 6) scan_queries<DH, 6, 4>(t, qi, selections);
-    for (; qi < t.nq; ++qi) scan_queries<DH, 1, 4>(t, qi, selections);
+    for (; qi + 6 <= t.nq; qi += 6, t.prefetch->step()) scan_queries<DH, 6, 4>(t, qi, selections);
+    for (; qi < t.nq; ++qi, t.prefetch->step()) scan_queries<DH, 1, 4>(t, qi, selections);
   } else {
-    for (; qi + 8 <= t.nq; qi += 8) scan_queries<DH, 8, 2>(t, qi, selections);
-    for (; qi < t.nq; ++qi) scan_queries<DH, 1, 2>(t, qi, selections);
+    for (; qi + 8 <= t.nq; qi += 8, t.prefetch->step()) scan_queries<DH, 8, 2>(t, qi, selections);
+    for (; qi < t.nq; ++qi, t.prefetch->step()) scan_queries<DH, 1, 2>(t, qi, selections);
   }
 }
 
@@ -469,6 +492,7 @@ struct QueryBlockTask {
   int64_t base_row;    // global row number of the block's first row
   const QueryVectors* queries;
   int64_t h;
+  NextBlockPrefetch* prefetch;
 };
 
 // The rare path: a tile may hold candidates. Offers each score that passes its query's current floors
@@ -585,8 +609,11 @@ void scan_query_vectors(const QueryBlockTask& t, int64_t v0, ThreadSelections& s
 
 void scan_head_by_query(const QueryBlockTask& t, ThreadSelections& selections) {
   int64_t v = 0;
-  for (; v + 2 <= t.queries->vectors; v += 2) scan_query_vectors<2>(t, v, selections);
-  if (v < t.queries->vectors) scan_query_vectors<1>(t, v, selections);
+  for (; v + 2 <= t.queries->vectors; v += 2, t.prefetch->step()) scan_query_vectors<2>(t, v, selections);
+  if (v < t.queries->vectors) {
+    scan_query_vectors<1>(t, v, selections);
+    t.prefetch->step();
+  }
 }
 
 bool use_query_vectors(int64_t dh) { return dh == kQueryDh; }
@@ -621,6 +648,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
   if (by_query) query_vectors.emplace(qp, limp, nq, nh);
 #endif
   const int64_t block_rows = by_query ? kQueryBlockRows : block_rows_for(dh);
+  // Prefetch steps per block: the scans' tile groups (at least; row vectors: 6 or 8 queries each).
+  const int64_t scan_steps = nh * (by_query ? (nq + 2 * kLanes - 1) / (2 * kLanes) : (nq + 7) / 8);
   std::mutex merge_mutex;
   std::atomic<int64_t> first_bad_block{std::numeric_limits<int64_t>::max()};
 
@@ -635,17 +664,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
       // stores ran 2x slower).
       const int64_t stride = by_query ? block_rows * dh + kLanes : block_rows + kLanes;
       std::vector<float> block((by_query ? nh : d) * stride);
+      NextBlockPrefetch prefetch;
       for (int64_t b = b_begin; b < b_end; ++b) {
         const int64_t first = b * block_rows;
         const int64_t rows = std::min(block_rows, n - first);
         const int64_t base = row_offset + first;
+        const int64_t next_rows = b + 1 < b_end ? std::min(block_rows, n - first - block_rows) : 0;
+        prefetch.start(next_rows ? hp + (first + block_rows) * d : nullptr, next_rows * d * sizeof(T), scan_steps);
 #if METACLM_QUERY_VECTOR_SCAN
         if (by_query) {
           if (!load_block_by_head(hp + first * d, rows, nh, stride, block.data())) {
             lower_to(first_bad_block, b);  // reported after the loop
             return;
           }
-          for (int64_t h = 0; h < nh; ++h) scan_head_by_query({block.data() + h * stride, rows, base, &*query_vectors, h}, local);
+          for (int64_t h = 0; h < nh; ++h) scan_head_by_query({block.data() + h * stride, rows, base, &*query_vectors, h, &prefetch}, local);
           continue;
         }
 #endif
@@ -654,7 +686,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
           return;
         }
         for (int64_t h = 0; h < nh; ++h) {
-          scan({block.data() + h * dh * stride, stride, rows, base, qp, limp, nq, nh, h, dh}, local);
+          scan({block.data() + h * dh * stride, stride, rows, base, qp, limp, nq, nh, h, dh, &prefetch}, local);
         }
       }
       local.flush();
