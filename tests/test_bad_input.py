@@ -89,6 +89,23 @@ def test_non_finite_check_reads_views_as_views(dtype):
         topk(history=view)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dual_form_names_the_first_bad_row_of_either(dtype):
+    """Across row blocks and threads the first bad row wins, whichever of inputs and errors holds it;
+    on the same row, inputs."""
+    inputs, errors = torch.randn(40000, 8).to(dtype), torch.randn(40000, 3).to(dtype)
+    inputs[15000, 2] = float("nan")
+    inputs[31000, 0] = float("inf")
+    errors[9000, 1] = float("inf")
+    errors[35000, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"errors row 9000 contains NaN or Inf"):
+        metaclm_ext.dual_form_apply(torch.randn(2, 8), inputs, errors)
+    errors[9000, 1] = 0.0
+    errors[15000, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs row 15000 contains NaN or Inf"):
+        metaclm_ext.dual_form_apply(torch.randn(2, 8), inputs, errors)
+
+
 def test_non_finite_query_names_row():
     queries = Q.clone()
     queries[2, 1, 0] = float("nan")

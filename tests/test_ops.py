@@ -194,6 +194,21 @@ def test_dual_form_matches_reference(dims, dtype, gen):
         assert bool(((got.double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dual_form_long_history_matches_reference(dtype, gen):
+    """Histories of several 8192-row units (the CPU kernel's threads split them) with limits inside
+    units, at unit edges and at the ends."""
+    n, d_in, d_out = 3 * 8192 + 517, 24, 5
+    queries = torch.randn(6, d_in, generator=gen)
+    inputs = torch.randn(n, d_in, generator=gen).to(dtype)
+    errors = torch.randn(n, d_out, generator=gen).to(dtype)
+    limit = torch.tensor([0, 1, 8192, 10000, 2 * 8192 + 1, n])
+    got = metaclm_ext.dual_form_apply(queries, inputs, errors, limit=limit)
+    want = ref.dual_form_apply_reference(queries, inputs, errors, limit=limit)
+    scale = (inputs.double() @ queries.double().T).abs().T @ errors.double().abs()
+    assert bool(((got.double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+
+
 def test_dual_form_equals_linear_layer_trained_by_sgd(gen):
     """The point of the op: W x after plain SGD equals W0 x + dual_form_apply(x, inputs, errors)."""
     layer = torch.nn.Linear(12, 5, bias=False).double()

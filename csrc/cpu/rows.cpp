@@ -28,32 +28,4 @@ void check_finite_rows(const at::Tensor& rows_any_layout, int64_t row_offset, co
                     " contains NaN or Inf");
 }
 
-at::Tensor copy_rows_checked(const at::Tensor& rows_any_layout, at::Tensor& buffer, int64_t row_offset,
-                             const char* name) {
-  const at::Tensor rows = rows_any_layout.contiguous();
-  const int64_t n = rows.size(0), d = rows.size(1);
-  TORCH_CHECK(buffer.scalar_type() == at::kFloat && buffer.is_contiguous() && buffer.size(0) >= n &&
-                  buffer.size(1) == d,
-              "copy_rows_checked: bad buffer");
-  float* out = buffer.data_ptr<float>();
-  bool all_finite = true;
-  dispatch_history_dtype(rows.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* data = rows.data_ptr<T>();
-    std::atomic<bool> finite{true};
-    at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        if (!row_is_finite(data + r * d, d)) {
-          finite.store(false);
-          return;
-        }
-        row_to_float(data + r * d, d, out + r * d);
-      }
-    });
-    all_finite = finite.load();
-  });
-  if (!all_finite) check_finite_rows(rows, row_offset, name);  // names the first bad row
-  return buffer.narrow(0, 0, n);
-}
-
 }  // namespace metaclm

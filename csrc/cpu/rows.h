@@ -144,12 +144,9 @@ inline void row_to_float(const c10::Half* row, int64_t d, float* out) {
 // Raises ValueError naming the first history row (global row number) that holds NaN or Inf.
 void check_finite_rows(const at::Tensor& rows, int64_t row_offset, const char* name);
 
-// Copies CPU rows [n, d] of any float dtype into the fp32 [>= n, d] buffer and checks them for NaN/Inf
-// in the same pass (raising like check_finite_rows); returns the first n rows of the buffer.
-at::Tensor copy_rows_checked(const at::Tensor& rows, at::Tensor& buffer, int64_t row_offset, const char* name);
-
-// The dual-form merge on any device (csrc/cpu/dual_form_apply.cpp): ATen GEMMs on the tensors' device,
-// with that device's NaN/Inf row check.
+// The dual-form merge on any device (csrc/cpu/dual_form_apply.cpp): ATen GEMMs on the tensors' device.
+// check_finite is that device's NaN/Inf row check, run once per chunk off the CPU (on the CPU the rows
+// are checked block by block while in cache).
 using FiniteRowCheck = void (*)(const at::Tensor& rows, int64_t row_offset, const char* name);
 std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_any(const at::Tensor& queries, const at::Tensor& inputs,
                                                              const at::Tensor& errors, int64_t row_offset,
