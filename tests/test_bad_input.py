@@ -113,6 +113,31 @@ def test_non_finite_query_names_row():
         topk(queries=queries)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "bad_values, bad_labels, match",
+    [
+        ({30000: float("inf"), 30500: float("-inf")}, {}, r"history row 30000 contains NaN or Inf"),  # Inf - Inf in one sum
+        ({30000: float("nan")}, {31000: 9}, r"history row 30000 contains NaN or Inf"),  # value before label
+        ({31000: float("nan")}, {30000: 9}, r"labels row 30000 is 9"),  # label before value, same thread
+        ({39000: float("nan")}, {2000: -3}, r"labels row 2000 is -3"),  # in the other thread's rows
+        ({2000: float("inf")}, {39000: 9}, r"history row 2000 contains NaN or Inf"),
+    ],
+)
+def test_label_mass_names_the_first_bad_row(dtype, bad_values, bad_labels, match):
+    """The first bad row wins, whether its value or its label is bad, across label blocks and threads
+    (the kernel checks values by their sums and labels before use)."""
+    history = torch.randn(40000, 8).to(dtype)
+    labels = torch.arange(40000) % 3
+    for row, value in bad_values.items():
+        history[row, 3] = value
+        labels[row] = 1
+    for row, label in bad_labels.items():
+        labels[row] = label
+    with pytest.raises(ValueError, match=match):
+        metaclm_ext.history_label_mass(Q, history, labels, 4)
+
+
 def test_label_mass_bad_labels():
     labels = torch.zeros(50, dtype=torch.int64)
     labels[17] = 4

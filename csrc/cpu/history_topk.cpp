@@ -212,16 +212,6 @@ struct ThreadSelections {
 };
 
 #if defined(__AVX512F__)
-// 16 consecutive elements of a row as fp32.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 // Permute indices for transpose16: at stage s (block size b = 8 >> s), lo picks row i's own columns
 // without bit b and row i+b's columns shifted down by b; hi the converse.
 struct TransposeIndex {

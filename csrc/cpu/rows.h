@@ -8,7 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -140,6 +140,18 @@ inline void row_to_float(const c10::Half* row, int64_t d, float* out) {
 #endif
   for (; j < d; ++j) out[j] = static_cast<float>(row[j]);
 }
+
+#if defined(__AVX512F__)
+// 16 consecutive elements of a row as fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#endif
 
 // Raises ValueError naming the first history row (global row number) that holds NaN or Inf.
 void check_finite_rows(const at::Tensor& rows, int64_t row_offset, const char* name);
