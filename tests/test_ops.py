@@ -20,14 +20,17 @@ SHAPES = [
     (6, 3, 5, 257, 1),
     # enough queries for the CPU kernel's register tiles: for dh = 8, pairs of 16-query vectors and a
     # partial vector left over (37 queries; 40 with k past the sorted-list size); for others 8 queries
-    # x 2 row vectors (short heads) and 6 x 4 (heads of 32 or more), each with leftover queries; dh = 40
-    # takes the runtime-dh path
+    # x 2 row vectors (short heads), 6 x 4 (heads of 32) and 8 x 3 (64 or more), each with leftover
+    # queries; dh = 40 and 80 take the runtime-dh path
     (13, 2, 8, 1500, 10),
     (37, 3, 8, 1100, 10),
     (40, 1, 8, 700, 40),
     (11, 2, 16, 1300, 10),
     (14, 1, 128, 900, 10),
+    (17, 2, 64, 1000, 10),
+    (13, 1, 32, 600, 10),
     (9, 1, 40, 700, 5),
+    (10, 1, 80, 500, 5),
 ]
 
 
