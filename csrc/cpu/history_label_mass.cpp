@@ -79,6 +79,29 @@ void accumulate_rows(const T* rows, const int64_t* labels, int64_t begin, int64_
   });
 }
 
+// mass[q, h, :] = sum_j queries[q, h, j] * sums[:, h * dh + j] for the queries ids[0, count): the sums
+// transposed once per head to [dh, L] rows, so each query head is dh contiguous axpys over the labels.
+void read_out(const double* sums, const float* queries, const int64_t* ids, int64_t count, int64_t nh,
+              int64_t dh, int64_t num_labels, double* mass) {
+  std::vector<double> by_head(nh * dh * num_labels);  // [H, Dh, L]
+  for (int64_t l = 0; l < num_labels; ++l)
+    for (int64_t c = 0; c < nh * dh; ++c) by_head[c * num_labels + l] = sums[l * nh * dh + c];
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t h = 0; h < nh; ++h) {
+        const float* qh = queries + (ids[i] * nh + h) * dh;
+        double* out = mass + (ids[i] * nh + h) * num_labels;
+        std::fill(out, out + num_labels, 0.0);
+        for (int64_t j = 0; j < dh; ++j) {
+          const double w = qh[j];
+          const double* column = by_head.data() + (h * dh + j) * num_labels;
+          for (int64_t l = 0; l < num_labels; ++l) out[l] += w * column[l];
+        }
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> history_label_mass_merge_cpu(
     const at::Tensor& queries, const at::Tensor& history, const at::Tensor& labels, int64_t row_offset,
     const at::Tensor& limit, const at::Tensor& label_sums, const at::Tensor& mass) {
@@ -91,13 +114,14 @@ std::tuple<at::Tensor, at::Tensor> history_label_mass_merge_cpu(
 
   auto q = queries.contiguous();
   auto hist = history.contiguous();
-  auto out_sums = label_sums.contiguous().clone();
-  auto out_mass = mass.contiguous().clone();
   const auto lim = limit.contiguous();
   const int64_t* limp = lim.data_ptr<int64_t>();
-  double* sums = out_sums.data_ptr<double>();
-  const auto q64 = q.to(at::kDouble);
   const Breakpoints bp = breakpoints_in_chunk(lim, row_offset, n);
+  auto out_sums = label_sums.contiguous().clone();
+  // Every query read out here is overwritten: the old mass is copied only if some are not.
+  auto out_mass = bp.end - bp.begin == q.size(0) ? at::empty_like(mass, at::MemoryFormat::Contiguous)
+                                                 : mass.contiguous().clone();
+  double* sums = out_sums.data_ptr<double>();
 
   dispatch_history_dtype(hist.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -105,16 +129,13 @@ std::tuple<at::Tensor, at::Tensor> history_label_mass_merge_cpu(
     int64_t done = 0;
     for (int64_t o = bp.begin; o < bp.end;) {
       const int64_t stop = limp[bp.order[o]] - row_offset;
-      int64_t group_end = o + 1;  // the queries read out at the same row, in one batched product
+      int64_t group_end = o + 1;  // the queries read out at the same row
       while (group_end < bp.end && limp[bp.order[group_end]] == limp[bp.order[o]]) ++group_end;
       accumulate_rows(hp, lp, done, stop, d, num_labels, sums, first_bad);
       if (first_bad.load() != std::numeric_limits<int64_t>::max()) return;
       done = std::max(done, stop);
-      const auto ids = at::tensor(std::vector<int64_t>(bp.order.begin() + o, bp.order.begin() + group_end));
-      // mass[q, h, l] = <sums[l, h, :], q[q, h, :]>: [H, G, Dh] x [H, Dh, L] -> [G, H, L]
-      const auto per_head_sums = out_sums.view({num_labels, nh, dh}).permute({1, 2, 0});
-      const auto group = q64.index_select(0, ids).permute({1, 0, 2});
-      out_mass.index_copy_(0, ids, at::bmm(group, per_head_sums).permute({1, 0, 2}));
+      read_out(sums, q.data_ptr<float>(), bp.order.data() + o, group_end - o, nh, dh, num_labels,
+               out_mass.data_ptr<double>());
       o = group_end;
     }
     accumulate_rows(hp, lp, done, n, d, num_labels, sums, first_bad);
