@@ -31,6 +31,8 @@ SHAPES = [
     (13, 1, 32, 600, 10),
     (9, 1, 40, 700, 5),
     (10, 1, 80, 500, 5),
+    # heads of 64k dimensions take the int8 screen where the CPU has AVX-512 VNNI; 192: its runtime-dh path
+    (19, 1, 192, 400, 5),
 ]
 
 
@@ -134,6 +136,75 @@ def test_topk_property_chunking_and_reference(q, h, dh, n, k_frac, chunk, seed, 
     want = ref.history_topk_reference(queries, history, k, limit=limit)
     assert_selection_equal(got.top, want.top)
     assert_selection_equal(got.last, want.last)
+
+
+@given(
+    q=st.integers(1, 20), h=st.integers(1, 2), dh=st.sampled_from([64, 128]), n=st.integers(1, 400),
+    k=st.integers(1, 12), spread=st.integers(0, 8), seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(DTYPES),
+)
+def test_topk_property_rows_of_any_scale(q, h, dh, n, k, spread, seed, dtype):
+    """Rows scaled by powers of two up to 2^+-spread (scores stay exact): where a block holds rows of
+    very different magnitudes its int8 screen is coarse for the small ones (many round to zero), and the
+    kernel must still give the reference's answer bitwise."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, n)
+    queries = small_ints((q, h, dh), gen, dtype=dtype)
+    scale = 2.0 ** torch.randint(-spread, spread + 1, (n, 1), generator=gen)
+    history = (small_ints((n, h * dh), gen) * scale).to(dtype)
+    limit = torch.randint(0, n + 1, (q,), generator=gen)
+    got = metaclm_ext.history_topk(queries, history, k, limit=limit, chunk_rows=97)
+    want = ref.history_topk_reference(queries, history, k, limit=limit)
+    assert_selection_equal(got.top, want.top)
+    assert_selection_equal(got.last, want.last)
+
+
+def test_topk_int8_screen_hard_rows(gen):
+    """What strains a screen by scaled int8 scores: rows spanning six decades, an outlier dimension, a
+    run of zero rows longer than a block, duplicated rows (exact ties) and a zero query. The answer is
+    the reference's, and bitwise the same for any chunking and thread count."""
+    n, d = 3000, 256
+    history = torch.randn(n, d, generator=gen) * 10.0 ** torch.empty(n, 1).uniform_(-3, 3, generator=gen)
+    history[:, 7] *= 1000
+    history[1000:1250] = 0
+    history[2000:2010] = history[1990]
+    queries = torch.randn(19, 2, 128, generator=gen)
+    queries[3] = 0
+    limit = random_limits(gen, 19, n)
+    want = ref.history_topk_reference(queries, history, 10, limit=limit)
+    scores = ref.history_scores(queries, history, dtype=torch.float64)
+    valid = torch.arange(n) < limit[:, None]
+    first = metaclm_ext.history_topk(queries, history, 10, limit=limit)
+    assert_selection_close(first.top, want.top, scores, valid, True, RTOL[torch.float32])
+    assert_selection_close(first.last, want.last, scores, valid, False, RTOL[torch.float32])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for chunk_rows in (97, 1000):
+            again = metaclm_ext.history_topk(queries, history, 10, limit=limit, chunk_rows=chunk_rows)
+            for a, b in ((again.top, first.top), (again.last, first.last)):
+                assert_selection_equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_topk_int8_screen_worst_case_rounding(gen):
+    """A row whose int8 approximation errs by nearly the screen's bound: every dimension of the query and
+    of row 150 sits just below a rounding half-step, all on the side that lowers the approximation, so
+    only a screen whose bound holds lets it past row 0 (which scores a little less, set the floor in an
+    earlier chunk, and approximates higher)."""
+    sign = torch.where(torch.rand(64, generator=gen) < 0.5, -1.0, 1.0)
+    sign[0] = 1
+    query = sign * 50.49
+    query[0] = 127  # the query's scale: 1
+    history = torch.zeros(200, 64)
+    history[0] = sign * 20.4
+    history[150] = sign * 20.49
+    history[:, 0] = 0
+    history[151, 0] = -127  # the block's scale: 1
+    for chunk_rows in (50, 100):
+        got = metaclm_ext.history_topk(query[None, None], history, 1, chunk_rows=chunk_rows)
+        assert got.top.indices.item() == 150
+        assert got.top.values.item() == pytest.approx(float(history[150] @ query), rel=1e-6)
 
 
 @given(n=st.integers(1, 600), k=st.integers(1, 30), seed=st.integers(0, 2**31 - 1))

@@ -10,6 +10,9 @@
 //   or 8 x 3 (Dh >= 64).
 // Each tile is compared with the current k-th best keys (floors) of its queries; only tiles that may
 // hold a candidate (rare once the selections are full) take the scalar path into the selections.
+// Heads of 64k dimensions (the paper's FFN histories) are instead screened by exact int8 scores
+// (VPDPBUSD) against floors widened by a proven error bound, and the few rows that pass are scored
+// again in fp32 (see Int8Queries); this needs AVX-512 VNNI, else they take the row-vector scan.
 // Threads split the rows, keep private selections seeded with the incoming state's floors, and merge
 // them into the state's heaps at the end under the total order (key desc, row asc), so the result
 // depends neither on the number of threads nor on the chunking.
@@ -19,6 +22,7 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <cmath>
 #include <mutex>
 #include <optional>
 
@@ -30,6 +34,13 @@
 #define METACLM_QUERY_VECTOR_SCAN 1
 #else
 #define METACLM_QUERY_VECTOR_SCAN 0
+#endif
+// The int8 screen (heads of 64k dimensions) needs AVX-512 VNNI and BW; without them such heads take the
+// fp32 row-vector scan.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define METACLM_INT8_SCREEN 1
+#else
+#define METACLM_INT8_SCREEN 0
 #endif
 
 namespace metaclm {
@@ -436,6 +447,298 @@ ScanFn pick_scan(int64_t dh) {
   }
 }
 
+#if METACLM_INT8_SCREEN
+// Int8 screening for heads of 64k dimensions (the paper's FFN histories). VPDPBUSD multiplies 64 byte
+// pairs per instruction where an FMA multiplies 16 floats: on this project's Ice Lake Xeon one VPDPBUSD
+// issues per cycle against two FMAs, twice the multiply-adds. Scores computed in int8 are only
+// approximate, so they screen: each block of rows and each query is scaled to int8 (per head, by its
+// largest magnitude), the scan computes every approximate score exactly in int32, and a row whose
+// approximation is within a proven error bound E of a floor is scored again in fp32 and offered. So
+// the selections are the same as an fp32 scan's: every row the fp32 score would let in is rescored.
+//
+// Error bound E, with x = s_x x~ + dx (|dx| <= 0.5001 s_x, rounding of x / s_x), q = s_q q~ + dq:
+//   |q.x - s_q s_x q~.x~| <= s_x * 0.5001 s_q |q~|_1 + min(max|x| |dq|_1, max|x|_2 |dq|_2),
+// plus the fp32 rescore's own rounding, at most dh 2^-23 times the same min with q for dq (max over
+// the block's rows). A row may pass only if q~.x~ >= (top floor - E) / (s_q s_x) or
+// <= (last floor + E) / (s_q s_x): integer thresholds, so the hot loop is VPDPBUSD and integer
+// compares only. On 1M Gaussian rows (D = 128, Q = 200, k = 10) 164k of the 200M (query, row) pairs
+// were rescored; tests/test_ops.py builds a row that errs by nearly E.
+constexpr int64_t kInt8StepRows = 3 * kLanes;  // rows of one step of the 8-query x 3-row-vector tile
+constexpr int64_t kInt8BlockRows = 2 * kInt8StepRows;
+constexpr int32_t kNeverPasses = 1 << 30;  // beyond any |q~.x~| (dh * 127 * 127 < 2^30 for dh < 66,000)
+constexpr int64_t kInt8MaxDh = 65536;
+
+// Each query's head scaled to int8, [H][Q][Dh] bytes, and per (head, query) what its thresholds need,
+// in [H][Q] arrays so that 8 adjacent queries are one vector of doubles.
+struct Int8Queries {
+  std::vector<int8_t> bytes;
+  std::vector<double> inv_s_q;    // 1 / s_q; 0 for a zero query
+  std::vector<double> row_term;   // 0.5001 s_q |q~|_1: times s_x, the rows' rounding
+  std::vector<double> max_term;   // |dq|_1 + dh 2^-23 |q|_1: times max|x|, the query's rounding and fp32
+  std::vector<double> norm_term;  // |dq|_2 + dh 2^-23 |q|_2: the same times max |x|_2 (Cauchy-Schwarz)
+  std::vector<int32_t> bias;      // -128 sum q~: VPDPBUSD multiplies x~ + 128 (unsigned bytes)
+  int64_t nq, dh;
+  Int8Queries(const float* queries, int64_t nq, int64_t nh, int64_t dh)
+      : bytes(nh * nq * dh), inv_s_q(nh * nq), row_term(nh * nq), max_term(nh * nq), norm_term(nh * nq), bias(nh * nq), nq(nq), dh(dh) {
+    const double fp32_error = dh * 0x1p-23;
+    for (int64_t h = 0; h < nh; ++h) {
+      for (int64_t q = 0; q < nq; ++q) {
+        const float* v = queries + (q * nh + h) * dh;
+        double q_max = 0;
+        for (int64_t j = 0; j < dh; ++j) q_max = std::max(q_max, std::fabs(static_cast<double>(v[j])));
+        const double s_q = q_max / 127;
+        int8_t* out = bytes.data() + (h * nq + q) * dh;
+        double l1 = 0, dq1 = 0, dq2 = 0, q1 = 0, q2 = 0;
+        int32_t sum = 0;
+        for (int64_t j = 0; j < dh; ++j) {
+          const double x = v[j];
+          const int32_t b = q_max > 0 ? static_cast<int32_t>(std::clamp(std::nearbyint(x / s_q), -127.0, 127.0)) : 0;
+          out[j] = static_cast<int8_t>(b);
+          sum += b;
+          l1 += std::abs(b);
+          dq1 += std::fabs(x - s_q * b);
+          dq2 += (x - s_q * b) * (x - s_q * b);
+          q1 += std::fabs(x);
+          q2 += x * x;
+        }
+        const int64_t i = h * nq + q;
+        inv_s_q[i] = q_max > 0 ? 1 / s_q : 0;
+        row_term[i] = 0.5001 * s_q * l1;
+        max_term[i] = (dq1 + fp32_error * q1) * (1 + 1e-9);
+        norm_term[i] = (std::sqrt(dq2) + fp32_error * std::sqrt(q2)) * (1 + 1e-9);
+        bias[i] = -128 * sum;
+      }
+    }
+  }
+  const int8_t* query(int64_t h, int64_t q) const { return bytes.data() + (h * nq + q) * dh; }
+};
+
+// A block's head h in int8: x~ + 128 as unsigned bytes, four dimensions per 32-bit word laid out
+// [Dh / 4][stride] (16 rows of one word are one vector); its scale s_x, largest magnitude and
+// largest row norm.
+struct Int8Slice {
+  uint32_t* words;
+  float s_x, x_max, x_norm;
+};
+
+// Thresholds on q~.x~ of queries qi .. qi+7 of head h against one block: a row may pass only if
+// q~.x~ >= top[b] or <= last[b]. Lanes outside `valid` (no valid row in the block) get thresholds
+// nothing reaches. Where the query or the block is zero every score is exactly 0, and so is q~.x~.
+inline void int8_thresholds(const Int8Queries& iq, int64_t h, int64_t qi, const Int8Slice& x, const float* top_floors,
+                            const float* last_floors, __mmask8 valid, int32_t* top, int32_t* last) {
+  const __m512d never = _mm512_set1_pd(kNeverPasses), zero = _mm512_setzero_pd();
+  const int64_t i = h * iq.nq + qi;
+  const __m512d top_floor = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(valid, top_floors + qi));
+  const __m512d last_floor = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(valid, last_floors + qi));
+  const __m512d inv_s_q = _mm512_maskz_loadu_pd(valid, iq.inv_s_q.data() + i);
+  const __m512d e = _mm512_mul_pd(
+      _mm512_fmadd_pd(_mm512_set1_pd(x.s_x), _mm512_maskz_loadu_pd(valid, iq.row_term.data() + i),
+                      _mm512_min_pd(_mm512_mul_pd(_mm512_set1_pd(x.x_max), _mm512_maskz_loadu_pd(valid, iq.max_term.data() + i)),
+                                    _mm512_mul_pd(_mm512_set1_pd(x.x_norm), _mm512_maskz_loadu_pd(valid, iq.norm_term.data() + i)))),
+      _mm512_set1_pd(1 + 1e-6));
+  const __m512d inv = _mm512_mul_pd(inv_s_q, _mm512_set1_pd(x.s_x > 0 ? 1 / static_cast<double>(x.s_x) : 0));
+  const __m512d lo = _mm512_sub_pd(_mm512_floor_pd(_mm512_mul_pd(_mm512_sub_pd(top_floor, e), inv)), _mm512_set1_pd(1));
+  const __m512d hi = _mm512_add_pd(_mm512_ceil_pd(_mm512_mul_pd(_mm512_add_pd(last_floor, e), inv)), _mm512_set1_pd(1));
+  __m512d top_t = _mm512_max_pd(_mm512_min_pd(lo, never), -never);  // +-inf floors clamp
+  __m512d last_t = _mm512_max_pd(_mm512_min_pd(hi, never), -never);
+  const __mmask8 exact = _mm512_cmp_pd_mask(inv, zero, _CMP_EQ_OQ);
+  top_t = _mm512_mask_blend_pd(exact, top_t, _mm512_mask_blend_pd(_mm512_cmp_pd_mask(top_floor, zero, _CMP_LE_OQ), never, -never));
+  last_t = _mm512_mask_blend_pd(exact, last_t, _mm512_mask_blend_pd(_mm512_cmp_pd_mask(last_floor, zero, _CMP_GE_OQ), -never, never));
+  top_t = _mm512_mask_blend_pd(valid, never, top_t);
+  last_t = _mm512_mask_blend_pd(valid, -never, last_t);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(top), _mm512_cvtpd_epi32(top_t));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(last), _mm512_cvtpd_epi32(last_t));
+}
+
+// Converts rows [0, n) of a [n, H * dh] block (dh a multiple of 64) to fp32 row-major in `rows_out`
+// (for the rescoring) and to int8 slices per head, [H][dh / 4][stride] words, padding rows to a
+// whole steps of the scan (48) with x~ = 0. Returns false if the block holds a NaN or Inf.
+template <typename T>
+bool load_int8_block(const T* rows, int64_t n, int64_t nh, int64_t dh, int64_t stride, float* rows_out,
+                     uint32_t* words, Int8Slice* slices) {
+  const int64_t d = nh * dh;
+  for (int64_t h = 0; h < nh; ++h) {
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    float norm2 = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      __m512 sq = _mm512_setzero_ps();
+      for (int64_t j = h * dh; j < (h + 1) * dh; j += kLanes) {
+        const __m512 x = load16(rows + r * d + j);
+        _mm512_storeu_ps(rows_out + r * d + j, x);
+        const __m512 a = _mm512_abs_ps(x);
+        bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+        m = _mm512_max_ps(m, a);
+        sq = _mm512_fmadd_ps(x, x, sq);
+      }
+      norm2 = std::max(norm2, _mm512_reduce_add_ps(sq));
+    }
+    if (bad) return false;
+    const float x_max = _mm512_reduce_max_ps(m);
+    // The fp32 sum of squares is within dh 2^-24 of the true one (and no larger than dh x_max^2).
+    const float x_norm = std::sqrt(std::min(norm2 * 1.001f, dh * x_max * x_max * 1.001f));
+    slices[h] = {words + h * (dh / 4) * stride, x_max / 127, x_max, x_norm};
+  }
+  __m512i lo[4], hi[4];
+  for (int s = 0; s < 4; ++s) {
+    lo[s] = _mm512_load_si512(kTransposeIndex.lo[s]);
+    hi[s] = _mm512_load_si512(kTransposeIndex.hi[s]);
+  }
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));  // x~ -> x~ + 128
+  const int64_t padded = (n + kInt8StepRows - 1) / kInt8StepRows * kInt8StepRows;
+  for (int64_t h = 0; h < nh; ++h) {
+    const __m512 inv = _mm512_set1_ps(slices[h].x_max > 0 ? 127 / slices[h].x_max : 0.f);
+    for (int64_t r = 0; r < padded; r += kLanes) {
+      for (int64_t c = 0; c < dh; c += 64) {  // 16 rows x 64 dimensions: a 16 x 16 tile of words
+        __m512 tile[16];
+        for (int i = 0; i < 16; ++i) {
+          __m512i packed = _mm512_setzero_si512();
+          if (r + i < n) {
+            const float* x = rows_out + (r + i) * d + h * dh + c;
+            __m128i part[4];
+            for (int p = 0; p < 4; ++p)
+              part[p] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * p), inv)));
+            packed = _mm512_inserti32x4(_mm512_castsi128_si512(part[0]), part[1], 1);
+            packed = _mm512_inserti32x4(packed, part[2], 2);
+            packed = _mm512_inserti32x4(packed, part[3], 3);
+          }
+          tile[i] = _mm512_castsi512_ps(_mm512_xor_si512(packed, flip));
+        }
+        transpose16(tile, lo, hi);
+        for (int j = 0; j < 16; ++j)
+          _mm512_storeu_ps(reinterpret_cast<float*>(slices[h].words + (c / 4 + j) * stride + r), tile[j]);
+      }
+    }
+  }
+  return true;
+}
+
+// What one block's head h is screened against: every query's head h.
+struct Int8BlockTask {
+  Int8Slice slice;
+  int64_t stride;        // words between consecutive word-columns of the slice
+  const float* rows;     // [rows, D] fp32, for the rescoring
+  int64_t d;
+  int64_t rows_in_block;
+  int64_t base_row;
+  const float* queries;  // [Q, H, Dh] fp32
+  const Int8Queries* int8;
+  const int64_t* limit;
+  int64_t nq, nh, h, dh;
+  NextBlockPrefetch* prefetch;
+};
+
+// The fp32 score of one row against one query head: 16-lane partial sums, then their sum.
+inline float rescore(const float* q, const float* x, int64_t dh) {
+  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(x));
+  for (int64_t j = kLanes; j < dh; j += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_loadu_ps(x + j), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// Screens the block against QB queries (qi .. qi+QB-1) of head h, 3 vectors of 16 rows per step;
+// DH > 0 fixes the head dimension at compile time.
+template <int DH, int QB>
+void screen_queries(const Int8BlockTask& t, int64_t qi, ThreadSelections& selections) {
+  constexpr int S = kInt8StepRows / kLanes;
+  const int64_t words = (DH > 0 ? DH : t.dh) / 4;
+  const int8_t* qb[QB];
+  const float* qf[QB];
+  LocalTopK top[QB], last[QB];
+  float top_floor[QB], last_floor[QB];
+  int32_t top_t[8], last_t[8];
+  int64_t n_valid[QB];
+  int64_t n_max = 0;
+  __mmask8 valid = 0;
+  __m512i bias[QB];
+  auto refresh = [&] {
+    float* tf = selections.top_floors(t.h);
+    float* lf = selections.last_floors(t.h);
+    for (int b = 0; b < QB; ++b) tf[qi + b] = top_floor[b], lf[qi + b] = last_floor[b];
+    int8_thresholds(*t.int8, t.h, qi, t.slice, tf, lf, valid, top_t, last_t);
+  };
+  for (int b = 0; b < QB; ++b) {
+    const int64_t qh = (qi + b) * t.nh + t.h;
+    qb[b] = t.int8->query(t.h, qi + b);
+    qf[b] = t.queries + qh * t.dh;
+    top[b] = selections.top(qh);
+    last[b] = selections.last(qh);
+    top_floor[b] = selections.top_floors(t.h)[qi + b];
+    last_floor[b] = selections.last_floors(t.h)[qi + b];
+    n_valid[b] = std::min(t.rows_in_block, t.limit[qi + b] - t.base_row);
+    n_max = std::max(n_max, n_valid[b]);
+    valid |= (n_valid[b] > 0) << b;
+    bias[b] = _mm512_set1_epi32(t.int8->bias[t.h * t.nq + qi + b]);
+  }
+  refresh();
+  for (int64_t r0 = 0; r0 < n_max; r0 += kLanes * S) {
+    const uint32_t* x_at = t.slice.words + r0;
+    __m512i acc[QB][S];
+    for (int b = 0; b < QB; ++b)
+      for (int s = 0; s < S; ++s) acc[b][s] = bias[b];
+#pragma GCC unroll 32
+    for (int64_t g = 0; g < words; ++g) {
+      __m512i x[S];
+      for (int s = 0; s < S; ++s) x[s] = _mm512_loadu_si512(x_at + g * t.stride + s * kLanes);
+      for (int b = 0; b < QB; ++b) {
+        int32_t qword;
+        std::memcpy(&qword, qb[b] + 4 * g, 4);
+        const __m512i qv = _mm512_set1_epi32(qword);
+        for (int s = 0; s < S; ++s) acc[b][s] = _mm512_dpbusd_epi32(acc[b][s], x[s], qv);
+      }
+    }
+    // Hot path: lanes below both thresholds' reach clear no bit of `none`.
+    __mmask16 none = 0xFFFF;
+    for (int b = 0; b < QB; ++b) {
+      for (int s = 0; s < S; ++s) {
+        none = _mm512_mask_cmplt_epi32_mask(none, acc[b][s], _mm512_set1_epi32(top_t[b]));
+        none = _mm512_mask_cmpgt_epi32_mask(none, acc[b][s], _mm512_set1_epi32(last_t[b]));
+      }
+    }
+    if (__builtin_expect(none == 0xFFFF, 1)) continue;
+    bool offered = false;
+    for (int b = 0; b < QB; ++b) {
+      for (int s = 0; s < S; ++s) {
+        const int64_t first = r0 + s * kLanes;
+        uint32_t pass = _mm512_cmpge_epi32_mask(acc[b][s], _mm512_set1_epi32(top_t[b])) |
+                        _mm512_cmple_epi32_mask(acc[b][s], _mm512_set1_epi32(last_t[b]));
+        for (; pass; pass &= pass - 1) {
+          const int64_t local = first + __builtin_ctz(pass);
+          if (local >= n_valid[b]) break;
+          const float score = rescore(qf[b], t.rows + local * t.d + t.h * t.dh, t.dh);
+          const int64_t row = t.base_row + local;
+          if (score >= top_floor[b] && top[b].offer(score, row)) top_floor[b] = top[b].worst_key(), offered = true;
+          if (score <= last_floor[b] && last[b].offer(-score, row)) last_floor[b] = -last[b].worst_key(), offered = true;
+        }
+      }
+    }
+    if (offered) refresh();
+  }
+  for (int b = 0; b < QB; ++b) {
+    selections.top_floors(t.h)[qi + b] = top_floor[b];
+    selections.last_floors(t.h)[qi + b] = last_floor[b];
+  }
+}
+
+template <int DH>
+void screen_block(const Int8BlockTask& t, ThreadSelections& selections) {
+  int64_t qi = 0;
+  for (; qi + 8 <= t.nq; qi += 8, t.prefetch->step()) screen_queries<DH, 8>(t, qi, selections);
+  for (; qi < t.nq; ++qi, t.prefetch->step()) screen_queries<DH, 1>(t, qi, selections);
+}
+
+using ScreenFn = void (*)(const Int8BlockTask&, ThreadSelections&);
+ScreenFn pick_screen(int64_t dh) {
+  switch (dh) {
+    case 64: return screen_block<64>;
+    case 128: return screen_block<128>;
+    default: return screen_block<0>;
+  }
+}
+bool use_int8_screen(int64_t dh) { return dh % 64 == 0 && dh <= kInt8MaxDh; }
+#else
+bool use_int8_screen(int64_t) { return false; }
+#endif
+
 constexpr int64_t kQueryBlockRows = 512;  // rows per block of the query-vector scan (a head's slice: 16 KB)
 
 #if METACLM_QUERY_VECTOR_SCAN
@@ -646,7 +949,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
   std::optional<QueryVectors> query_vectors;
   if (by_query) query_vectors.emplace(qp, limp, nq, nh);
 #endif
-  const int64_t block_rows = by_query ? kQueryBlockRows : block_rows_for(dh);
+  // Heads of 64k dimensions are screened in int8 where the CPU has VNNI.
+  const bool int8_screen = !by_query && use_int8_screen(dh);
+#if METACLM_INT8_SCREEN
+  std::optional<Int8Queries> int8_queries;
+  if (int8_screen) int8_queries.emplace(qp, nq, nh, dh);
+  const ScreenFn screen = int8_screen ? pick_screen(dh) : nullptr;
+#endif
+  const int64_t block_rows = by_query ? kQueryBlockRows : int8_screen ? kInt8BlockRows : block_rows_for(dh);
   // Prefetch steps per block: the scans' tile groups (at least; row vectors: 6 or 8 queries each).
   const int64_t scan_steps = nh * (by_query ? (nq + 2 * kLanes - 1) / (2 * kLanes) : (nq + 7) / 8);
   std::mutex merge_mutex;
@@ -662,7 +972,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
       // power-of-two stride would map them all to the same few cache sets (measured: the transposing
       // stores ran 2x slower).
       const int64_t stride = by_query ? block_rows * dh + kLanes : block_rows + kLanes;
-      std::vector<float> block((by_query ? nh : d) * stride);
+      std::vector<float> block(int8_screen ? block_rows * d : (by_query ? nh : d) * stride);
+#if METACLM_INT8_SCREEN
+      std::vector<uint32_t> words(int8_screen ? d / 4 * stride : 0);  // [H][Dh / 4][stride]
+      std::vector<Int8Slice> slices(nh);
+#endif
       NextBlockPrefetch prefetch;
       for (int64_t b = b_begin; b < b_end; ++b) {
         const int64_t first = b * block_rows;
@@ -677,6 +991,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
             return;
           }
           for (int64_t h = 0; h < nh; ++h) scan_head_by_query({block.data() + h * stride, rows, base, &*query_vectors, h, &prefetch}, local);
+          continue;
+        }
+#endif
+#if METACLM_INT8_SCREEN
+        if (int8_screen) {
+          if (!load_int8_block(hp + first * d, rows, nh, dh, stride, block.data(), words.data(), slices.data())) {
+            lower_to(first_bad_block, b);
+            return;
+          }
+          for (int64_t h = 0; h < nh; ++h) {
+            screen({slices[h], stride, block.data(), d, rows, base, qp, &*int8_queries, limp, nq, nh, h, dh, &prefetch}, local);
+          }
           continue;
         }
 #endif
