@@ -207,6 +207,26 @@ def test_topk_int8_screen_worst_case_rounding(gen):
         assert got.top.values.item() == pytest.approx(float(history[150] @ query), rel=1e-6)
 
 
+def test_topk_int8_screen_worst_case_query_rounding(gen):
+    """The same for heads of 8 dimensions (the query-vector screen), where the query's rounding errs:
+    row 150 holds +-1 with the signs of the query's rounding errors (+-0.49 each), so its approximation
+    falls short by nearly the bound's query term, and row 0 (0.999 times it) sets the floor before.
+    Row 1 sets the last floor far below zero, so the zero rows beside row 150 send no tile to the
+    exact path."""
+    sign = torch.where(torch.rand(8, generator=gen) < 0.5, -1.0, 1.0)
+    query = sign * 50.49
+    query[0] = 127  # the query's scale: 1
+    history = torch.zeros(200, 8)
+    history[150] = sign
+    history[150, 0] = 0
+    history[0] = 0.999 * history[150]
+    history[1] = -2 * history[150]
+    for chunk_rows in (50, 100):
+        got = metaclm_ext.history_topk(query[None, None], history, 1, chunk_rows=chunk_rows)
+        assert got.top.indices.item() == 150
+        assert got.top.values.item() == pytest.approx(float(history[150] @ query), rel=1e-6)
+
+
 @given(n=st.integers(1, 600), k=st.integers(1, 30), seed=st.integers(0, 2**31 - 1))
 def test_topk_property_top_is_last_of_negated_queries(n, k, seed):
     gen = torch.Generator().manual_seed(seed)
