@@ -187,6 +187,15 @@ def test_topk_int8_screen_hard_rows(gen):
         torch.set_num_threads(threads)
 
 
+def assert_top_row_over_chunks(query, history, row):
+    """The single best row for one query is `row`, with its score, when the floor comes from an earlier
+    chunk (chunks of 50 and 100 rows)."""
+    for chunk_rows in (50, 100):
+        got = metaclm_ext.history_topk(query[None, None], history, 1, chunk_rows=chunk_rows)
+        assert got.top.indices.item() == row
+        assert got.top.values.item() == pytest.approx(float(history[row] @ query), rel=1e-6)
+
+
 def test_topk_int8_screen_worst_case_rounding(gen):
     """A row whose int8 approximation errs by nearly the screen's bound: every dimension of the query and
     of row 150 sits just below a rounding half-step, all on the side that lowers the approximation, so
@@ -201,10 +210,7 @@ def test_topk_int8_screen_worst_case_rounding(gen):
     history[150] = sign * 20.49
     history[:, 0] = 0
     history[151, 0] = -127  # the block's scale: 1
-    for chunk_rows in (50, 100):
-        got = metaclm_ext.history_topk(query[None, None], history, 1, chunk_rows=chunk_rows)
-        assert got.top.indices.item() == 150
-        assert got.top.values.item() == pytest.approx(float(history[150] @ query), rel=1e-6)
+    assert_top_row_over_chunks(query, history, 150)
 
 
 def test_topk_int8_screen_worst_case_query_rounding(gen):
@@ -221,10 +227,7 @@ def test_topk_int8_screen_worst_case_query_rounding(gen):
     history[150, 0] = 0
     history[0] = 0.999 * history[150]
     history[1] = -2 * history[150]
-    for chunk_rows in (50, 100):
-        got = metaclm_ext.history_topk(query[None, None], history, 1, chunk_rows=chunk_rows)
-        assert got.top.indices.item() == 150
-        assert got.top.values.item() == pytest.approx(float(history[150] @ query), rel=1e-6)
+    assert_top_row_over_chunks(query, history, 150)
 
 
 @given(n=st.integers(1, 600), k=st.integers(1, 30), seed=st.integers(0, 2**31 - 1))

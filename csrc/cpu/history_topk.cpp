@@ -335,6 +335,43 @@ struct BlockTask {
   NextBlockPrefetch* prefetch;
 };
 
+// Offers one exact score of `row` to a query's top and last selections; returns true if a floor moved.
+inline bool offer_score(float score, int64_t row, LocalTopK& top, LocalTopK& last, float& top_floor, float& last_floor) {
+  bool moved = false;
+  if (score >= top_floor && top.offer(score, row)) top_floor = top.worst_key(), moved = true;  // the floors
+  if (score <= last_floor && last.offer(-score, row)) last_floor = -last.worst_key(), moved = true;  // first: spare a miss
+  return moved;
+}
+
+// The selections of queries qi .. qi+QB-1 of head h while a scan of the row-vector layout passes one
+// block: their lists, local copies of their floors (store() writes them back), and how many of the
+// block's rows each may take (its limit can cut the block).
+template <int QB>
+struct QueryGroup {
+  LocalTopK top[QB], last[QB];
+  float top_floor[QB], last_floor[QB];
+  int64_t n_valid[QB];
+  int64_t n_max = 0;  // rows of the block below some query's limit
+  QueryGroup(ThreadSelections& selections, int64_t h, int64_t qi, int64_t nh, const int64_t* limit, int64_t rows,
+             int64_t base_row) {
+    for (int b = 0; b < QB; ++b) {
+      const int64_t qh = (qi + b) * nh + h;
+      top[b] = selections.top(qh);
+      last[b] = selections.last(qh);
+      top_floor[b] = selections.top_floors(h)[qi + b];
+      last_floor[b] = selections.last_floors(h)[qi + b];
+      n_valid[b] = std::min(rows, limit[qi + b] - base_row);
+      n_max = std::max(n_max, n_valid[b]);
+    }
+  }
+  void store(ThreadSelections& selections, int64_t h, int64_t qi) const {
+    for (int b = 0; b < QB; ++b) {
+      selections.top_floors(h)[qi + b] = top_floor[b];
+      selections.last_floors(h)[qi + b] = last_floor[b];
+    }
+  }
+};
+
 // Offers the lanes of one score vector (rows first .. first+15 of the block) that pass the floors.
 __attribute__((noinline)) void offer_lanes(vfloat acc, int64_t first, int64_t n_valid, int64_t base_row,
                                            LocalTopK& top, LocalTopK& last, float& top_floor, float& last_floor) {
@@ -343,10 +380,7 @@ __attribute__((noinline)) void offer_lanes(vfloat acc, int64_t first, int64_t n_
     const int lane = __builtin_ctz(pass);
     pass &= pass - 1;
     if (first + lane >= n_valid) break;
-    const float score = acc[lane];
-    const int64_t row = base_row + first + lane;
-    if (score >= top_floor && top.offer(score, row)) top_floor = top.worst_key();  // the floors first:
-    if (score <= last_floor && last.offer(-score, row)) last_floor = -last.worst_key();  // spare a miss
+    offer_score(acc[lane], base_row + first + lane, top, last, top_floor, last_floor);
   }
 }
 
@@ -357,21 +391,9 @@ template <int DH, int QB, int S>
 void scan_queries(const BlockTask& t, int64_t qi, ThreadSelections& selections) {
   const int64_t dh = DH > 0 ? DH : t.dh;
   const float* q[QB];
-  LocalTopK top[QB], last[QB];
-  float top_floor[QB], last_floor[QB];
-  int64_t n_valid[QB];
-  int64_t n_max = 0;
-  for (int b = 0; b < QB; ++b) {
-    const int64_t qh = (qi + b) * t.nh + t.h;
-    q[b] = t.queries + qh * dh;
-    top[b] = selections.top(qh);
-    last[b] = selections.last(qh);
-    top_floor[b] = selections.top_floors(t.h)[qi + b];
-    last_floor[b] = selections.last_floors(t.h)[qi + b];
-    n_valid[b] = std::min(t.rows, t.limit[qi + b] - t.base_row);
-    n_max = std::max(n_max, n_valid[b]);
-  }
-  for (int64_t r0 = 0; r0 < n_max; r0 += kLanes * S) {
+  for (int b = 0; b < QB; ++b) q[b] = t.queries + ((qi + b) * t.nh + t.h) * dh;
+  QueryGroup<QB> g(selections, t.h, qi, t.nh, t.limit, t.rows, t.base_row);
+  for (int64_t r0 = 0; r0 < g.n_max; r0 += kLanes * S) {
     const float* x_at = t.slice + r0;
     vfloat acc[QB][S];
     {  // the first dimension multiplies, so the accumulators need no zeroing
@@ -395,22 +417,19 @@ void scan_queries(const BlockTask& t, int64_t qi, ThreadSelections& selections) 
     uint32_t any = 0;
     for (int b = 0; b < QB; ++b) {
       for (int64_t s = 0; s < S; ++s) {
-        pass[b][s] = pass_mask(acc[b][s], top_floor[b], last_floor[b]);
+        pass[b][s] = pass_mask(acc[b][s], g.top_floor[b], g.last_floor[b]);
         any |= pass[b][s];
       }
     }
     if (__builtin_expect(any != 0, 0)) {
       for (int b = 0; b < QB; ++b) {
         for (int64_t s = 0; s < S; ++s) {
-          if (pass[b][s]) offer_lanes(acc[b][s], r0 + s * kLanes, n_valid[b], t.base_row, top[b], last[b], top_floor[b], last_floor[b]);
+          if (pass[b][s]) offer_lanes(acc[b][s], r0 + s * kLanes, g.n_valid[b], t.base_row, g.top[b], g.last[b], g.top_floor[b], g.last_floor[b]);
         }
       }
     }
   }
-  for (int b = 0; b < QB; ++b) {
-    selections.top_floors(t.h)[qi + b] = top_floor[b];
-    selections.last_floors(t.h)[qi + b] = last_floor[b];
-  }
+  g.store(selections, t.h, qi);
 }
 
 // Scores the block against every query of head h. Register tiles measured on this project's 2-core
@@ -644,34 +663,23 @@ void screen_queries(const Int8BlockTask& t, int64_t qi, ThreadSelections& select
   const int64_t words = (DH > 0 ? DH : t.dh) / 4;
   const int8_t* qb[QB];
   const float* qf[QB];
-  LocalTopK top[QB], last[QB];
-  float top_floor[QB], last_floor[QB];
-  int32_t top_t[8], last_t[8];
-  int64_t n_valid[QB];
-  int64_t n_max = 0;
-  __mmask8 valid = 0;
   __m512i bias[QB];
-  auto refresh = [&] {
-    float* tf = selections.top_floors(t.h);
-    float* lf = selections.last_floors(t.h);
-    for (int b = 0; b < QB; ++b) tf[qi + b] = top_floor[b], lf[qi + b] = last_floor[b];
-    int8_thresholds(*t.int8, t.h, qi, t.slice, tf, lf, valid, top_t, last_t);
-  };
+  QueryGroup<QB> g(selections, t.h, qi, t.nh, t.limit, t.rows_in_block, t.base_row);
+  __mmask8 valid = 0;
   for (int b = 0; b < QB; ++b) {
-    const int64_t qh = (qi + b) * t.nh + t.h;
     qb[b] = t.int8->query(t.h, qi + b);
-    qf[b] = t.queries + qh * t.dh;
-    top[b] = selections.top(qh);
-    last[b] = selections.last(qh);
-    top_floor[b] = selections.top_floors(t.h)[qi + b];
-    last_floor[b] = selections.last_floors(t.h)[qi + b];
-    n_valid[b] = std::min(t.rows_in_block, t.limit[qi + b] - t.base_row);
-    n_max = std::max(n_max, n_valid[b]);
-    valid |= (n_valid[b] > 0) << b;
+    qf[b] = t.queries + ((qi + b) * t.nh + t.h) * t.dh;
     bias[b] = _mm512_set1_epi32(t.int8->bias[t.h * t.nq + qi + b]);
+    valid |= (g.n_valid[b] > 0) << b;
   }
+  int32_t top_t[8], last_t[8];
+  // The floors are stored back before the thresholds are read from them, and after every move.
+  auto refresh = [&] {
+    g.store(selections, t.h, qi);
+    int8_thresholds(*t.int8, t.h, qi, t.slice, selections.top_floors(t.h), selections.last_floors(t.h), valid, top_t, last_t);
+  };
   refresh();
-  for (int64_t r0 = 0; r0 < n_max; r0 += kLanes * S) {
+  for (int64_t r0 = 0; r0 < g.n_max; r0 += kLanes * S) {
     const uint32_t* x_at = t.slice.words + r0;
     __m512i acc[QB][S];
     for (int b = 0; b < QB; ++b)
@@ -704,19 +712,13 @@ void screen_queries(const Int8BlockTask& t, int64_t qi, ThreadSelections& select
                         _mm512_cmple_epi32_mask(acc[b][s], _mm512_set1_epi32(last_t[b]));
         for (; pass; pass &= pass - 1) {
           const int64_t local = first + __builtin_ctz(pass);
-          if (local >= n_valid[b]) break;
+          if (local >= g.n_valid[b]) break;
           const float score = rescore(qf[b], t.rows + local * t.d + t.h * t.dh, t.dh);
-          const int64_t row = t.base_row + local;
-          if (score >= top_floor[b] && top[b].offer(score, row)) top_floor[b] = top[b].worst_key(), offered = true;
-          if (score <= last_floor[b] && last[b].offer(-score, row)) last_floor[b] = -last[b].worst_key(), offered = true;
+          offered |= offer_score(score, t.base_row + local, g.top[b], g.last[b], g.top_floor[b], g.last_floor[b]);
         }
       }
     }
     if (offered) refresh();
-  }
-  for (int b = 0; b < QB; ++b) {
-    selections.top_floors(t.h)[qi + b] = top_floor[b];
-    selections.last_floors(t.h)[qi + b] = last_floor[b];
   }
 }
 
