@@ -145,15 +145,26 @@ def _limit_tensor(limit, num_queries: int, num_rows: int, device: torch.device) 
     return limit
 
 
-def _chunk_rows(chunk_rows: Optional[int], row_bytes: int, sources: tuple = ()) -> int:
-    """Rows per chunk: explicit, else the chunk budget (the smallest ``chunk_bytes`` of the sources that
-    carry one, as store fields do; DEFAULT_CHUNK_BYTES otherwise) over the bytes of one row of all sources."""
+def _chunk_rows(chunk_rows: Optional[int], row_bytes: int, sources: tuple, device: torch.device) -> int:
+    """Rows per chunk: explicit; else all rows at once when every source is a contiguous CPU tensor that
+    a CPU kernel reads as it is (its chunks would be views, and each chunk costs a merge call: a fork
+    and join of the threads and a copy of the state); else the chunk budget (the smallest
+    ``chunk_bytes`` of the sources that carry one, as store fields do; DEFAULT_CHUNK_BYTES otherwise)
+    over the bytes of one row of all sources."""
     if chunk_rows is None:
+        if device.type == "cpu" and all(_read_in_place(s) for s in sources):
+            return max(1, sources[0].shape[0])
         budget = min((int(s.chunk_bytes) for s in sources if hasattr(s, "chunk_bytes")), default=DEFAULT_CHUNK_BYTES)
         return max(1024, budget // max(1, row_bytes))
     if int(chunk_rows) <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     return int(chunk_rows)
+
+
+def _read_in_place(source: History) -> bool:
+    """A contiguous CPU tensor of a history dtype or int64 (labels): a CPU kernel reads it without a copy."""
+    return (isinstance(source, torch.Tensor) and source.device.type == "cpu" and source.is_contiguous()
+            and source.dtype in HISTORY_DTYPES + (torch.int64,))
 
 
 def _tensor_chunks(tensor: torch.Tensor, chunk_rows: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -322,7 +333,7 @@ def history_topk(
     top_idx = torch.full(state_shape, PAD_INDEX, dtype=torch.int64, device=q.device)
     last_keys, last_idx = top_keys.clone(), top_idx.clone()
     stop = int(lim.max())
-    rows_per_chunk = _chunk_rows(chunk_rows, width * history.dtype.itemsize, (history,))
+    rows_per_chunk = _chunk_rows(chunk_rows, width * history.dtype.itemsize, (history,), q.device)
     for offset, rows in _chunks(history, rows_per_chunk, stop, q.device):
         top_keys, top_idx, last_keys, last_idx = _ops.history_topk_merge(
             q, rows, offset, lim, top_keys, top_idx, last_keys, last_idx
@@ -363,7 +374,7 @@ def history_label_mass(
     sums = torch.zeros(num_labels, width, dtype=torch.float64, device=q.device)
     mass = torch.zeros(q.shape[0], q.shape[1], num_labels, dtype=torch.float64, device=q.device)
     row_bytes = width * history.dtype.itemsize + labels.dtype.itemsize
-    rows_per_chunk = _chunk_rows(chunk_rows, row_bytes, (history, labels))
+    rows_per_chunk = _chunk_rows(chunk_rows, row_bytes, (history, labels), q.device)
     for offset, (rows, lab) in _zip_chunks([history, labels], rows_per_chunk, int(lim.max()), q.device):
         sums, mass = _ops.history_label_mass_merge(q, rows, lab.to(torch.int64), offset, lim, sums, mass)
     return mass.to(torch.float32)
@@ -398,7 +409,7 @@ def dual_form_apply(
     delta = torch.zeros(d_out, d_in, dtype=torch.float64, device=q.device)
     out = torch.zeros(q.shape[0], d_out, dtype=torch.float64, device=q.device)
     row_bytes = d_in * inputs.dtype.itemsize + d_out * errors.dtype.itemsize
-    rows_per_chunk = _chunk_rows(chunk_rows, row_bytes, (inputs, errors))
+    rows_per_chunk = _chunk_rows(chunk_rows, row_bytes, (inputs, errors), q.device)
     for offset, (x, e) in _zip_chunks([inputs, errors], rows_per_chunk, int(lim.max()), q.device):
         delta, out = _ops.dual_form_apply_merge(q, x, e, offset, lim, delta, out)
     return out.to(torch.float32)
