@@ -275,6 +275,48 @@ def test_label_mass_property_sums_to_total_score(n, labels, chunk, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_label_mass_over_many_units(dtype, gen):
+    """Histories longer than the CPU kernel's 8192-row fp32 units, with limits and chunks inside units."""
+    n, num_labels = 30_000, 300
+    queries = torch.randn(5, 2, 8, generator=gen)
+    history = torch.randn(n, 16, generator=gen).to(dtype)
+    labels = torch.randint(0, num_labels, (n,), generator=gen)
+    limit = torch.tensor([n, 8191, 8193, 20_000, 1])
+    want = ref.history_label_mass_reference(queries, history, labels, num_labels, limit=limit)
+    scale = ref.history_scores(queries, history, dtype=torch.float64).abs().sum(-1, keepdim=True)
+    for chunk_rows in (None, 7001):
+        got = metaclm_ext.history_label_mass(queries, history, labels, num_labels, limit=limit, chunk_rows=chunk_rows)
+        assert bool(((got.double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_label_mass_units_meet_in_fp64(dtype):
+    """140,000 rows of 1 + 2^-10 (1 + 2^-7 in bf16): each 8192-row unit's fp32 sum is exact, and their
+    total is not in fp32 (past 2^14, or 2^17, rows the spacing of fp32 is coarser than the step), so
+    only fp64 across units gives the exact mass."""
+    n = 140_000
+    step = 2**-7 if dtype == torch.bfloat16 else 2**-10
+    history = torch.full((n, 4), 1 + step).to(dtype)
+    queries = torch.ones(1, 1, 4)
+    got = metaclm_ext.history_label_mass(queries, history, torch.zeros(n, dtype=torch.int64), 1)
+    assert got.item() == 4 * n * (1 + step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_mass_rows_too_large_for_fp32_sums(dtype):
+    """Finite rows whose sum overflows fp32 (labels 0 and 2) are summed again in fp64; the rows of
+    other labels keep their fp32 unit sums."""
+    big = 3e38
+    history = torch.tensor([[big, -1.0], [big, 2.0], [1.5, 0.25], [-big, big], [-big, big], [0.5, 0.5]]).to(dtype)
+    labels = torch.tensor([0, 0, 1, 2, 2, 1])
+    queries = torch.tensor([[[1e-3, 1e-3]]])
+    got = metaclm_ext.history_label_mass(queries, history, labels, 3)
+    want = ref.history_label_mass_reference(queries, history, labels, 3)
+    assert bool(torch.isfinite(got).all())
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dims", [(1, 1, 1, 1), (5, 64, 64, 1000), (3, 128, 64, 2500), (8, 7, 13, 300), (200, 16, 4, 90)])
 def test_dual_form_matches_reference(dims, dtype, gen):
     q_, d_in, d_out, n = dims
