@@ -104,6 +104,10 @@ def test_dual_form_names_the_first_bad_row_of_either(dtype):
     errors[15000, 1] = float("nan")
     with pytest.raises(ValueError, match=r"inputs row 15000 contains NaN or Inf"):
         metaclm_ext.dual_form_apply(torch.randn(2, 8), inputs, errors)
+    errors[15000, 1] = 0.0
+    errors[15010, 2] = float("nan")  # a later row of the same 64-row block: inputs row 15000 still wins
+    with pytest.raises(ValueError, match=r"inputs row 15000 contains NaN or Inf"):
+        metaclm_ext.dual_form_apply(torch.randn(2, 8), inputs, errors)
 
 
 def test_non_finite_query_names_row():

@@ -317,7 +317,8 @@ def test_label_mass_rows_too_large_for_fp32_sums(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dims", [(1, 1, 1, 1), (5, 64, 64, 1000), (3, 128, 64, 2500), (8, 7, 13, 300), (200, 16, 4, 90)])
+@pytest.mark.parametrize("dims", [(1, 1, 1, 1), (5, 64, 64, 1000), (3, 128, 64, 2500), (8, 7, 13, 300), (200, 16, 4, 90),
+                                  (4, 130, 70, 700)])
 def test_dual_form_matches_reference(dims, dtype, gen):
     q_, d_in, d_out, n = dims
     queries = torch.randn(q_, d_in, generator=gen)
