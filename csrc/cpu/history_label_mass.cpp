@@ -130,9 +130,8 @@ void accumulate_rows(const T* rows, const int64_t* labels, int64_t begin, int64_
     int64_t stop = b;  // rows [b, stop) are added: all, or up to the first bad label
     while (stop < e) {
       const int64_t unit_end = std::min(e, stop + kUnitRows);
-      const int64_t added = local.add_unit(rows, labels, stop, unit_end);
-      stop = added;
-      if (added < unit_end) break;
+      stop = local.add_unit(rows, labels, stop, unit_end);
+      if (stop < unit_end) break;
     }
     if (!all_finite(local.sums)) {  // a row before stop holds NaN or Inf: the first one is the thread's first bad row
       int64_t r = b;
