@@ -23,35 +23,31 @@ constexpr int64_t kGemmRows = 8192;  // rows summed in fp32 (a unit) before addi
 // accumulators; per row, 4 loads of inputs and 6 broadcasts of errors feed 24 FMAs) over blocks of 64
 // rows that stay in L1, on 64-byte aligned buffers padded to whole tiles: 145-150 GFLOP/s on one core
 // of this project's Xeon (peak 179), where ATen's GEMM (MKL) took 136 at its best depth, 512 rows,
-// before staging, and packed its operands on every call. Without AVX-512, ATen's GEMM multiplies
-// 512-row blocks.
+// before staging, and packed its operands on every call. For sums larger than L2 holds (use_tiles),
+// and without AVX-512, ATen's GEMM multiplies 512-row blocks.
 class UnitProduct {
  public:
-#if defined(__AVX512F__)
-  static constexpr int64_t kBlockRows = 64;
-  static constexpr int64_t kTileRows = 6, kTileCols = 64;
-#else
-  static constexpr int64_t kBlockRows = 512;
-  static constexpr int64_t kTileRows = 1, kTileCols = 1;
-#endif
-
   UnitProduct(int64_t d_out, int64_t d_in)
-      : d_out_(d_out), d_in_(d_in), ld_e_(round_up(d_out, kTileRows)), ld_x_(round_up(d_in, kTileCols)) {
+      : d_out_(d_out), d_in_(d_in), tiled_(use_tiles(d_out, d_in)), block_rows_(tiled_ ? kTileBlockRows : kGemmBlockRows),
+        ld_e_(tiled_ ? round_up(d_out, kTileRows) : d_out), ld_x_(tiled_ ? round_up(d_in, kTileCols) : d_in) {
     // The CPU allocator aligns to 64 bytes, and rows of whole tiles keep every row aligned (unaligned
     // buffers ran the tiles at 100 GFLOP/s instead of 150).
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     // Zeros: the padding is never written, and must not hold denormals or NaN that the tiles multiply.
-    staged_e_ = at::zeros({kBlockRows, ld_e_}, f32);
-    staged_x_ = at::zeros({kBlockRows, ld_x_}, f32);
+    staged_e_ = at::zeros({block_rows_, ld_e_}, f32);
+    staged_x_ = at::zeros({block_rows_, ld_x_}, f32);
     sum_ = at::zeros({ld_e_, ld_x_}, f32);
   }
+
+  // Rows staged and multiplied at a time.
+  int64_t block_rows() const { return block_rows_; }
 
   void zero() { sum_.zero_(); }
 
   // The unit's sum so far, [D_out, D_in].
   at::Tensor sum() const { return sum_.narrow(0, 0, d_out_).narrow(1, 0, d_in_); }
 
-  // Stages rows [b, e) of errors and inputs (at most kBlockRows) and adds their product into the sum.
+  // Stages rows [b, e) of errors and inputs (at most block_rows()) and adds their product into the sum.
   // False (with the bad row lowered into bad_error or bad_input) if a row holds NaN or Inf.
   bool add_block(const at::Tensor& errors, const at::Tensor& inputs, int64_t b, int64_t e,
                  std::atomic<int64_t>& bad_error, std::atomic<int64_t>& bad_input) {
@@ -59,30 +55,47 @@ class UnitProduct {
     const bool inputs_finite = stage(inputs, b, e, staged_x_, bad_input);  // both: the first bad row may be either
     if (!errors_finite || !inputs_finite) return false;
 #if defined(__AVX512F__)
-    const float* ep = staged_e_.data_ptr<float>();
-    const float* xp = staged_x_.data_ptr<float>();
-    float* cp = sum_.data_ptr<float>();
-    // The next block's rows are requested into L2 a few lines per tile while this block is multiplied:
-    // staging otherwise waited on memory.
-    const int64_t next_end = std::min(errors.size(0), e + (e - b));
-    NextRows next_e(errors, e, next_end), next_x(inputs, e, next_end);
-    const int64_t tiles = (ld_e_ / kTileRows) * (ld_x_ / kTileCols);
-    const int64_t lines_per_tile = (std::max(next_e.lines(), next_x.lines()) + tiles - 1) / tiles;
-    for (int64_t i = 0; i < ld_e_; i += kTileRows) {
-      for (int64_t j = 0; j < ld_x_; j += kTileCols) {
-        next_e.prefetch(lines_per_tile);
-        next_x.prefetch(lines_per_tile);
-        rank_update_tile(ep + i, xp + j, e - b, cp + i * ld_x_ + j);
+    if (tiled_) {
+      const float* ep = staged_e_.data_ptr<float>();
+      const float* xp = staged_x_.data_ptr<float>();
+      float* cp = sum_.data_ptr<float>();
+      // The next block's rows are requested into L2 a few lines per tile while this block is multiplied:
+      // staging otherwise waited on memory.
+      const int64_t next_end = std::min(errors.size(0), e + (e - b));
+      NextRows next_e(errors, e, next_end), next_x(inputs, e, next_end);
+      const int64_t tiles = (ld_e_ / kTileRows) * (ld_x_ / kTileCols);
+      const int64_t lines_per_tile = (std::max(next_e.lines(), next_x.lines()) + tiles - 1) / tiles;
+      for (int64_t i = 0; i < ld_e_; i += kTileRows) {
+        for (int64_t j = 0; j < ld_x_; j += kTileCols) {
+          next_e.prefetch(lines_per_tile);
+          next_x.prefetch(lines_per_tile);
+          rank_update_tile(ep + i, xp + j, e - b, cp + i * ld_x_ + j);
+        }
       }
+      return true;
     }
-#else
-    sum().addmm_(staged_e_.narrow(0, 0, e - b).narrow(1, 0, d_out_).t(), staged_x_.narrow(0, 0, e - b).narrow(1, 0, d_in_));
 #endif
+    sum().addmm_(staged_e_.narrow(0, 0, e - b).narrow(1, 0, d_out_).t(), staged_x_.narrow(0, 0, e - b).narrow(1, 0, d_in_));
     return true;
   }
 
  private:
+  static constexpr int64_t kTileRows = 6, kTileCols = 64, kTileBlockRows = 64, kGemmBlockRows = 512;
+  static constexpr int64_t kMaxTiledSumBytes = 256 << 10;
+
   static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+  // Tiles while the unit's sum stays in L2: every 64-row block loads and stores the whole sum, which
+  // for wider layers outruns the cache, where the GEMM's own blocking does not (2 threads, fp16 rows:
+  // 128 x 128 tiles 213-230 against GEMM 176-187 GFLOP/s, 256 x 256 207-224 against 197-207,
+  // 512 x 256 alike, 384 x 384 210-224 against 229-240, 1024 x 256 165-178 against 196-198).
+  static bool use_tiles(int64_t d_out, int64_t d_in) {
+#if defined(__AVX512F__)
+    return round_up(d_out, kTileRows) * round_up(d_in, kTileCols) * static_cast<int64_t>(sizeof(float)) <= kMaxTiledSumBytes;
+#else
+    return false;
+#endif
+  }
 
   // Rows [b, e) of `rows` as fp32 into the first rows of `staged`; false (and `bad` lowered to the
   // first bad row) if a row holds NaN or Inf.
@@ -152,7 +165,9 @@ class UnitProduct {
   }
 #endif
 
-  int64_t d_out_, d_in_, ld_e_, ld_x_;
+  int64_t d_out_, d_in_;
+  bool tiled_;
+  int64_t block_rows_, ld_e_, ld_x_;
   at::Tensor staged_e_, staged_x_, sum_;
 };
 
@@ -187,8 +202,8 @@ struct WeightDeltaAccumulator {
       for (int64_t u = u_begin; u < u_end; ++u) {
         const int64_t unit_end = std::min(end, begin + (u + 1) * kGemmRows);
         unit.zero();
-        for (int64_t b = begin + u * kGemmRows; b < unit_end; b += UnitProduct::kBlockRows) {
-          const int64_t e = std::min(unit_end, b + UnitProduct::kBlockRows);
+        for (int64_t b = begin + u * kGemmRows; b < unit_end; b += unit.block_rows()) {
+          const int64_t e = std::min(unit_end, b + unit.block_rows());
           if (!unit.add_block(e_all, x_all, b, e, bad_error, bad_input)) return;  // raised below
         }
         thread_sum.add_(unit.sum());
