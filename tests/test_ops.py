@@ -275,9 +275,11 @@ def test_label_mass_property_sums_to_total_score(n, labels, chunk, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_label_mass_over_many_units(dtype, gen):
-    """Histories longer than the CPU kernel's 8192-row fp32 units, with limits and chunks inside units."""
-    n, num_labels = 30_000, 300
+@pytest.mark.parametrize("num_labels", [300, 3000])
+def test_label_mass_over_many_units(dtype, num_labels, gen):
+    """Histories longer than the CPU kernel's 8192-row fp32 units, with limits and chunks inside units;
+    past 2048 labels the CPU kernel adds rows straight into fp64."""
+    n = 30_000
     queries = torch.randn(5, 2, 8, generator=gen)
     history = torch.randn(n, 16, generator=gen).to(dtype)
     labels = torch.randint(0, num_labels, (n,), generator=gen)
