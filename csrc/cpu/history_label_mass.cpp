@@ -162,23 +162,47 @@ void accumulate_rows(const T* rows, const int64_t* labels, int64_t begin, int64_
   });
 }
 
+// Labels read out at a time: their slice of the transposed sums (D x block fp64) stays in L2 while
+// every query of a thread reads it. Query by query, each query streamed all the sums (50 queries of
+// 768 dimensions over 50000 labels: 1.4 s).
+constexpr int64_t kReadOutBlockBytes = 256 << 10;
+// Labels summed at once in registers (4 AVX-512 vectors of fp64: enough independent FMAs to hide
+// their latency), so a label's mass is stored once rather than loaded and stored per dimension.
+constexpr int kLanes = 32;
+
 // mass[q, h, :] = sum_j queries[q, h, j] * sums[:, h * dh + j] for the queries ids[0, count): the sums
-// transposed once per head to [dh, L] rows, so each query head is dh contiguous axpys over the labels.
+// transposed once per head to [dh, L] rows, so the labels of a query head are contiguous in each row.
 void read_out(const double* sums, const float* queries, const int64_t* ids, int64_t count, int64_t nh,
               int64_t dh, int64_t num_labels, double* mass) {
-  std::vector<double> by_head(nh * dh * num_labels);  // [H, Dh, L]
-  for (int64_t l = 0; l < num_labels; ++l)
-    for (int64_t c = 0; c < nh * dh; ++c) by_head[c * num_labels + l] = sums[l * nh * dh + c];
+  const int64_t d = nh * dh;
+  std::vector<double> by_head(d * num_labels);  // [H, Dh, L]
+  for (int64_t l0 = 0; l0 < num_labels; l0 += 64)  // 64 labels at a time: both sides stay in cache
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t l = l0; l < std::min(num_labels, l0 + 64); ++l) by_head[c * num_labels + l] = sums[l * d + c];
+  const int64_t block = std::max<int64_t>(64, kReadOutBlockBytes / (d * static_cast<int64_t>(sizeof(double))));
   at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t h = 0; h < nh; ++h) {
-        const float* qh = queries + (ids[i] * nh + h) * dh;
-        double* out = mass + (ids[i] * nh + h) * num_labels;
-        std::fill(out, out + num_labels, 0.0);
-        for (int64_t j = 0; j < dh; ++j) {
-          const double w = qh[j];
-          const double* column = by_head.data() + (h * dh + j) * num_labels;
-          for (int64_t l = 0; l < num_labels; ++l) out[l] += w * column[l];
+    for (int64_t l0 = 0; l0 < num_labels; l0 += block) {
+      const int64_t l1 = std::min(num_labels, l0 + block);
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t h = 0; h < nh; ++h) {
+          const float* qh = queries + (ids[i] * nh + h) * dh;
+          double* out = mass + (ids[i] * nh + h) * num_labels;
+          const double* columns = by_head.data() + h * dh * num_labels;
+          int64_t l = l0;
+          for (; l + kLanes <= l1; l += kLanes) {  // kLanes sums in registers over the head's dh columns
+            double acc[kLanes] = {};
+            for (int64_t j = 0; j < dh; ++j) {
+              const double w = qh[j];
+              const double* column = columns + j * num_labels + l;
+              for (int t = 0; t < kLanes; ++t) acc[t] += w * column[t];
+            }
+            std::copy(acc, acc + kLanes, out + l);
+          }
+          for (; l < l1; ++l) {
+            double sum = 0.0;
+            for (int64_t j = 0; j < dh; ++j) sum += qh[j] * columns[j * num_labels + l];
+            out[l] = sum;
+          }
         }
       }
     }
