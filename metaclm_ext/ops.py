@@ -396,7 +396,7 @@ def dual_form_apply(
 
     ``out[q] = sum_{t < limit[q]} errors[t] * <inputs[t], queries[q]>`` (the dual form of Irie et al.
     2022; with plain SGD, W = W0 + sum_t e_t x_t^T, so W x = W0 x + this). ``inputs`` is [N, D_in],
-    ``errors`` [N, D_out]; accumulation is in fp64.
+    ``errors`` [N, D_out]; rows are summed in fp32 within 8192-row units and the units in fp64.
     """
     n, d_in = _shape_of("inputs", inputs)
     n_err, d_out = _shape_of("errors", errors)
