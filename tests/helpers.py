@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from metaclm_ext import reference as ref
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -51,3 +53,19 @@ def assert_selection_close(got, want, scores, valid, descending, rtol):
     picked = scores.gather(-1, got.indices.clamp_min(0))
     err = (picked - got.values.double()).abs().masked_fill(~finite, 0)
     assert bool((err <= tol).all()), "a returned index does not carry its returned score"
+
+
+def label_mass_scale(queries, history):
+    """Sum of |scores| per query head [Q, H, 1]: the size of the numbers a label mass adds up."""
+    return ref.history_scores(queries, history, dtype=torch.float64).abs().sum(-1, keepdim=True)
+
+
+def dual_form_scale(queries, inputs, errors):
+    """Sum of |terms| per output [Q, D_out]: the size of the numbers a dual form adds up."""
+    return (inputs.double() @ queries.double().T).abs().T @ errors.double().abs()
+
+
+def assert_sums_close(got, want, scale):
+    """An fp32 result of summed terms (any device) within RTOL[fp32] of the fp64 reference, relative to
+    `scale` (clamped at 1e-6)."""
+    assert bool(((got.cpu().double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())

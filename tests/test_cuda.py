@@ -19,7 +19,8 @@ import metaclm_ext
 from metaclm_ext import reference as ref
 from metaclm_ext.ops import TensorRows
 from helpers import DTYPES, requires_cuda
-from helpers import RTOL, assert_selection_close, assert_selection_equal, random_limits, small_ints
+from helpers import RTOL, assert_selection_close, assert_selection_equal, assert_sums_close, random_limits, small_ints
+from helpers import dual_form_scale, label_mass_scale
 from test_ops import SHAPES
 
 pytestmark = requires_cuda
@@ -135,12 +136,12 @@ def test_label_mass_cuda_matches_reference(shape, dtype, gen):
     labels = torch.randint(0, num_labels, (n,), generator=gen)
     limit = random_limits(gen, q_, n)
     want = ref.history_label_mass_reference(queries, history, labels, num_labels, limit=limit)
-    scale = ref.history_scores(queries, history, dtype=torch.float64).abs().sum(-1, keepdim=True)
+    scale = label_mass_scale(queries, history)
     for chunk_rows in (None, 61):
         got = metaclm_ext.history_label_mass(*_cuda(queries, history, labels), num_labels, limit=limit,
                                              chunk_rows=chunk_rows)
         assert got.is_cuda and got.dtype == torch.float32 and got.shape == (q_, h, num_labels)
-        assert bool(((got.cpu().double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+        assert_sums_close(got, want, scale)
 
 
 @settings(max_examples=25)
@@ -165,11 +166,11 @@ def test_dual_form_cuda_matches_reference(dims, dtype, gen):
     errors = torch.randn(n, d_out, generator=gen).to(dtype)
     limit = random_limits(gen, q_, n)
     want = ref.dual_form_apply_reference(queries, inputs, errors, limit=limit)
-    scale = (inputs.double() @ queries.double().T).abs().T @ errors.double().abs()
+    scale = dual_form_scale(queries, inputs, errors)
     for chunk_rows in (None, 37):
         got = metaclm_ext.dual_form_apply(*_cuda(queries, inputs, errors), limit=limit.cuda(), chunk_rows=chunk_rows)
         assert got.is_cuda and got.dtype == torch.float32 and got.shape == (q_, d_out)
-        assert bool(((got.cpu().double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+        assert_sums_close(got, want, scale)
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------

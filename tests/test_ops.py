@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 import metaclm_ext
 from metaclm_ext import reference as ref
-from helpers import DTYPES, RTOL, assert_selection_close, assert_selection_equal, random_limits, small_ints
+from helpers import DTYPES, RTOL, assert_selection_close, assert_selection_equal, assert_sums_close, random_limits, small_ints
+from helpers import dual_form_scale, label_mass_scale
 
 # (Q, H, Dh, N, k): heads of the paper's attention (8 x 8), its FFN (1 x 128), odd sizes, tails.
 SHAPES = [
@@ -255,8 +256,7 @@ def test_label_mass_matches_reference(shape, dtype, gen):
         got = metaclm_ext.history_label_mass(queries, history, labels, num_labels, limit=limit, chunk_rows=chunk_rows)
         want = ref.history_label_mass_reference(queries, history, labels, num_labels, limit=limit)
         assert got.dtype == torch.float32 and got.shape == (q_, h, num_labels)
-        scale = ref.history_scores(queries, history, dtype=torch.float64).abs().sum(-1, keepdim=True)
-        assert bool(((got.double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+        assert_sums_close(got, want, label_mass_scale(queries, history))
 
 
 @given(n=st.integers(1, 400), labels=st.integers(1, 9), chunk=st.integers(1, 500), seed=st.integers(0, 2**31 - 1))
@@ -285,10 +285,10 @@ def test_label_mass_over_many_units(dtype, num_labels, gen):
     labels = torch.randint(0, num_labels, (n,), generator=gen)
     limit = torch.tensor([n, 8191, 8193, 20_000, 1])
     want = ref.history_label_mass_reference(queries, history, labels, num_labels, limit=limit)
-    scale = ref.history_scores(queries, history, dtype=torch.float64).abs().sum(-1, keepdim=True)
+    scale = label_mass_scale(queries, history)
     for chunk_rows in (None, 7001):
         got = metaclm_ext.history_label_mass(queries, history, labels, num_labels, limit=limit, chunk_rows=chunk_rows)
-        assert bool(((got.double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+        assert_sums_close(got, want, scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -333,9 +333,7 @@ def test_dual_form_matches_reference(dims, dtype, gen):
         got = metaclm_ext.dual_form_apply(queries, inputs, errors, limit=limit, chunk_rows=chunk_rows)
         want = ref.dual_form_apply_reference(queries, inputs, errors, limit=limit)
         assert got.dtype == torch.float32 and got.shape == (q_, d_out)
-        # Scale: sum of |terms|, the size of the numbers being added up.
-        scale = (inputs.double() @ queries.double().T).abs().T @ errors.double().abs()
-        assert bool(((got.double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+        assert_sums_close(got, want, dual_form_scale(queries, inputs, errors))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -349,8 +347,7 @@ def test_dual_form_long_history_matches_reference(dtype, gen):
     limit = torch.tensor([0, 1, 8192, 10000, 2 * 8192 + 1, n])
     got = metaclm_ext.dual_form_apply(queries, inputs, errors, limit=limit)
     want = ref.dual_form_apply_reference(queries, inputs, errors, limit=limit)
-    scale = (inputs.double() @ queries.double().T).abs().T @ errors.double().abs()
-    assert bool(((got.double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+    assert_sums_close(got, want, dual_form_scale(queries, inputs, errors))
 
 
 def test_dual_form_equals_linear_layer_trained_by_sgd(gen):
