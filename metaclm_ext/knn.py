@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .ops import _source_chunks
+from .stream import source_chunks
 
 METRICS = ("ip", "l2")
 KINDS = ("flat", "ivfpq")
@@ -60,7 +60,7 @@ def _as_float32(rows) -> np.ndarray:
 def _row_blocks(vectors, chunk_rows: int):
     """(offset, fp32 block) of a tensor, an array, or a row source with iter_chunks (a store field)."""
     if hasattr(vectors, "iter_chunks"):  # the ops' reader: checks the source covers every row in order
-        for offset, rows in _source_chunks(vectors, chunk_rows, vectors.shape[0]):
+        for offset, rows in source_chunks(vectors, chunk_rows, vectors.shape[0]):
             yield offset, _as_float32(rows)
     else:
         for start in range(0, vectors.shape[0], chunk_rows):

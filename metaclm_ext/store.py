@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
-from .ops import DEFAULT_CHUNK_BYTES
+from .stream import DEFAULT_CHUNK_BYTES
 
 __all__ = ["HistoryStore", "HistoryWriter", "StoreError", "StoreField"]
 
@@ -436,14 +436,11 @@ class StoreField:
     def __repr__(self) -> str:
         return f"StoreField({self.name!r}, shape={list(self.shape)}, dtype={self._spec.dtype}, store={str(self.store.path)!r})"
 
-    def iter_chunks(
-        self, chunk_rows: Optional[int] = None, stop: Optional[int] = None, *, pin_memory: bool = False
-    ) -> Iterator[tuple[int, torch.Tensor]]:
+    def iter_chunks(self, chunk_rows: Optional[int] = None, stop: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(row_offset, rows) for consecutive blocks of rows [0, stop), read ahead on a background thread.
 
         ``chunk_rows`` defaults to the store's ``chunk_bytes`` budget. Chunks may span shards. Every
-        chunk is a fresh tensor (safe to keep). ``pin_memory=True`` reads into page-locked buffers, for
-        asynchronous copies to a GPU. Checksums are verified as shards go by (unless the store was opened
+        chunk is a fresh tensor (safe to keep). Checksums are verified as shards go by (unless the store was opened
         with ``verify=False``); a bad shard raises StoreError before the iteration ends.
         """
         n = self.shape[0]
@@ -454,15 +451,15 @@ class StoreField:
             chunk_rows = max(1, self.store.chunk_bytes // self._spec.row_bytes)
         elif _check_int("chunk_rows", chunk_rows) <= 0:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-        return _readahead(self._chunks(int(chunk_rows), stop, pin_memory), self.store.readahead)
+        return _readahead(self._chunks(int(chunk_rows), stop), self.store.readahead)
 
-    def _chunks(self, chunk_rows: int, stop: int, pin_memory: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    def _chunks(self, chunk_rows: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
         reader = self.store._reader(self.name, 0)
         done = False
         try:
             for start in range(0, stop, chunk_rows):
                 rows = min(chunk_rows, stop - start)
-                buf = _chunk_buffer((rows, *self._spec.row_shape), _BUFFER_DTYPES[self._spec.dtype], pin_memory)
+                buf = _chunk_buffer((rows, *self._spec.row_shape), _BUFFER_DTYPES[self._spec.dtype])
                 reader.read_into(memoryview(buf.numpy()).cast("B"), rows)
                 yield start, buf.view(self.dtype)
                 del buf
@@ -477,14 +474,12 @@ class StoreField:
         return self.store.read(self.name, start, stop, raw=raw)
 
 
-def _chunk_buffer(shape: tuple, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+def _chunk_buffer(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """A fresh chunk buffer in its own anonymous mapping, unmapped as soon as the last view of it is dropped.
 
     With malloc, chunks allocated on the read-ahead thread and freed on the consumer's thread linger in the
     thread's arena, and RSS drifts to several times the budget; a mapping per chunk keeps the bound exact.
     """
-    if pin_memory:  # page-locked memory for asynchronous GPU copies (CUDA's host allocator caches it)
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
     mapping = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE)
     if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MiB pages: far fewer page faults when the chunk is filled
         mapping.madvise(mmap.MADV_HUGEPAGE)

@@ -1,4 +1,4 @@
-"""The pinned-buffer staging of ops._staged_chunks (CPU row source -> CUDA), its threading and slot logic
+"""The pinned-buffer staging of stream.staged_chunks (CPU row source -> CUDA), its threading and slot logic
 checked on the CPU: CUDA streams, events and pinned allocation are replaced by synchronous stand-ins,
 so what is tested is the order, the data and the reader's life cycle; test_cuda.py runs it for real."""
 import contextlib
@@ -7,8 +7,7 @@ import threading
 import pytest
 import torch
 
-from metaclm_ext import ops
-from metaclm_ext.ops import TensorRows
+from metaclm_ext.stream import TensorRows, staged_chunks
 
 
 class _Event:
@@ -53,7 +52,7 @@ def test_staged_chunks_deliver_every_row_in_order(fake_cuda, chunk_rows, stop):
     source = TensorRows(torch.arange(3000.0).view(1000, 3))
     threads = threading.active_count()
     offsets, rows = [], []
-    for offset, block in ops._staged_chunks(source, chunk_rows, stop, torch.device("cpu")):
+    for offset, block in staged_chunks(source, chunk_rows, stop, torch.device("cpu")):
         offsets.append(offset)
         rows.append(block.clone())  # read now: chunk i + 1 is already staged, in the other buffer
     assert offsets == list(range(0, stop, chunk_rows))
@@ -64,8 +63,8 @@ def test_staged_chunks_deliver_every_row_in_order(fake_cuda, chunk_rows, stop):
 def test_staged_chunks_forward_reader_errors_and_stop_the_reader(fake_cuda):
     threads = threading.active_count()
     with pytest.raises(OSError, match="disk went away"):
-        list(ops._staged_chunks(_Failing(torch.zeros(1000, 2)), 10, 1000, torch.device("cpu")))
-    stream = ops._staged_chunks(TensorRows(torch.zeros(1000, 2)), 10, 1000, torch.device("cpu"))
+        list(staged_chunks(_Failing(torch.zeros(1000, 2)), 10, 1000, torch.device("cpu")))
+    stream = staged_chunks(TensorRows(torch.zeros(1000, 2)), 10, 1000, torch.device("cpu"))
     next(stream)
     stream.close()  # what an op raising mid-stream does to it
     assert threading.active_count() == threads
