@@ -21,7 +21,6 @@ import torch
 from .train import IGNORE, Batch, TrainConfig
 
 COLUMNS = ("step", "epoch", "sequence", "position", "token", "seed", "next_token", "seed_next_token")
-SHARD_ROWS = 65536
 
 
 def cproj_modules(model) -> dict[str, torch.nn.Module]:
@@ -58,8 +57,7 @@ class HistoryRecorder:
                  "head_dim": cfg.n_embd // cfg.n_head, "vocab_size": vocab_size, "optimizer": cfg.optimizer,
                  "errors": "e_t = -(lr * clip_coef) * dL/dy_t of c_proj's output y" if cfg.record_errors else None,
                  "seed_next_token": "seed * vocab_size + next_token"}
-        self.writer = HistoryWriter.create(path, fields, {c: "int64" for c in COLUMNS},
-                                           shard_rows=SHARD_ROWS, attrs=attrs)
+        self.writer = HistoryWriter.create(path, fields, {c: "int64" for c in COLUMNS}, attrs=attrs)
         self._x: dict[str, torch.Tensor] = {}
         self._g: dict[str, torch.Tensor] = {}
         self._active = False
