@@ -6,14 +6,13 @@ import time
 
 import torch
 
+from .dtypes import HISTORY_DTYPE_NAMES
 from .ops import history_topk
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def run_demo(rows: int, queries: int, heads: int, head_dim: int, k: int, dtype: str, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    history = torch.randn(rows, heads * head_dim, generator=gen).to(DTYPES[dtype])
+    history = torch.randn(rows, heads * head_dim, generator=gen).to(HISTORY_DTYPE_NAMES[dtype])
     q = torch.randn(queries, heads, head_dim, generator=gen)
     start = time.perf_counter()
     result = history_topk(q, history, k)
@@ -28,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", type=int, default=8, help="heads H (default 8)")
     p.add_argument("--head-dim", type=int, default=8, help="head dimension Dh (default 8)")
     p.add_argument("--k", type=int, default=10, help="rows kept per query head (default 10)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="history dtype (default float16)")
+    p.add_argument("--dtype", choices=sorted(HISTORY_DTYPE_NAMES), default="float16", help="history dtype (default float16)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_main)
 

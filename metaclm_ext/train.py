@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as datamod
+from .dtypes import HISTORY_DTYPE_NAMES
 
 IGNORE = -100
-HISTORY_DTYPES = ("float16", "float32", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -85,8 +85,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError(f"optimizer must be sgd or adamw, got {cfg.optimizer!r}")
     if cfg.scheduler not in ("constant", "cosine"):
         raise ValueError(f"scheduler must be constant or cosine, got {cfg.scheduler!r}")
-    if cfg.history_dtype not in HISTORY_DTYPES:
-        raise ValueError(f"history_dtype must be one of {HISTORY_DTYPES}, got {cfg.history_dtype!r}")
+    if cfg.history_dtype not in HISTORY_DTYPE_NAMES:
+        raise ValueError(f"history_dtype must be one of {sorted(HISTORY_DTYPE_NAMES)}, got {cfg.history_dtype!r}")
     for name in ("epochs", "batch_size", "n_layer", "n_head", "n_embd", "n_inner", "checkpoint_every"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
@@ -355,7 +355,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--record-history", nargs="?", const="", default=None, metavar="DIR",
                    help="record the training history into a store at DIR (default RUN_DIR/history)")
     p.add_argument("--record-errors", action="store_true", help="also record the c_proj error signals e_t")
-    p.add_argument("--history-dtype", choices=HISTORY_DTYPES, default=None, help="store dtype (default float16)")
+    p.add_argument("--history-dtype", choices=sorted(HISTORY_DTYPE_NAMES), default=None, help="store dtype (default float16)")
     p.add_argument("--no-progress", action="store_true")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("record_history", "record_errors", "history_dtype"):
