@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from .history_names import field_name, parse_module_key
 from .ops import dual_form_apply
 from .record import cproj_modules, epoch_limits
 from .train import Run, load_checkpoint, load_run, make_batch
@@ -79,7 +80,7 @@ def dualcheck(run_dir, epoch: Optional[int] = None, history: Optional[Path] = No
     if path is None:
         raise ValueError(f"{run_dir} was trained without --record-history; pass the store with --history")
     store = HistoryStore(path)
-    if "attn_err.0" not in store.fields:
+    if field_name("attn", 0, "err") not in store.fields:
         raise ValueError(f"history {path} has no error signals: train with --record-errors")
     epoch = run.epochs[-1] if epoch is None else epoch
     epochs = store.read("epoch")
@@ -92,10 +93,10 @@ def dualcheck(run_dir, epoch: Optional[int] = None, history: Optional[Path] = No
     io = cproj_io(trained, rows)
     results = []
     for key, module0 in tqdm(cproj_modules(init).items(), desc="dualcheck", disable=not progress):
-        kind, l = key.split(".")
+        kind, l = parse_module_key(key)
         x, y = io[key]
         base = x.double() @ module0.weight.double() + module0.bias.double()
-        inputs, errors = store[f"{kind}_in.{l}"], store[f"{kind}_err.{l}"]
+        inputs, errors = store[field_name(kind, l)], store[field_name(kind, l, "err")]
         dual = dual_form_apply(x.float(), inputs, errors, limit=limit).double() + _error_sum(errors, limit)
         y = y.double()
         norm = float(y.norm())
@@ -103,7 +104,7 @@ def dualcheck(run_dir, epoch: Optional[int] = None, history: Optional[Path] = No
                         "relative_error": float((base + dual - y).norm()) / norm,
                         "w0_only_relative_error": float((base - y).norm()) / norm})
     exact = is_exact_setting(run)
-    dtype = store.fields["attn_in.0"][1]
+    dtype = store.fields[field_name("attn", 0)][1]
     worst = max(r["relative_error"] for r in results)
     checked = exact and dtype == "float32"  # a float16/bfloat16 history rounds x_t and e_t
     return {"run": str(run_dir), "epoch": epoch, "history": str(path), "history_rows": limit,

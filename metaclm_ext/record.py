@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .history_names import MODULES, field_name, module_key, parse_field_name, parse_module_key
 from .train import IGNORE, Batch, TrainConfig
 
 COLUMNS = ("step", "epoch", "sequence", "position", "token", "seed", "next_token", "seed_next_token")
@@ -26,7 +27,7 @@ COLUMNS = ("step", "epoch", "sequence", "position", "token", "seed", "next_token
 def cproj_modules(model) -> dict[str, torch.nn.Module]:
     """{"attn.l" / "mlp.l": block l's attn.c_proj / mlp.c_proj}, in layer order: the modules whose inputs (and
     output errors) the history records as the fields "attn_in.l" / "mlp_in.l" (and "*_err.l")."""
-    return {f"{kind}.{l}": module for l, block in enumerate(model.transformer.h)
+    return {module_key(kind, l): module for l, block in enumerate(model.transformer.h)
             for kind, module in (("attn", block.attn.c_proj), ("mlp", block.mlp.c_proj))}
 
 
@@ -38,8 +39,8 @@ def epoch_limits(epoch_column: np.ndarray, epochs: list[int]) -> dict[int, int]:
 
 
 def field_names(n_layer: int, errors: bool) -> list[str]:
-    kinds = ("attn_in", "mlp_in") + (("attn_err", "mlp_err") if errors else ())
-    return [f"{k}.{l}" for l in range(n_layer) for k in kinds]
+    signals = ("in", "err") if errors else ("in",)
+    return [field_name(module, l, signal) for l in range(n_layer) for signal in signals for module in MODULES]
 
 
 class HistoryRecorder:
@@ -50,8 +51,9 @@ class HistoryRecorder:
         from .store import HistoryWriter
 
         self.errors, self.vocab_size = cfg.record_errors, vocab_size
-        widths = {"attn_in": cfg.n_embd, "mlp_in": cfg.n_inner, "attn_err": cfg.n_embd, "mlp_err": cfg.n_embd}
-        fields = {name: (widths[name.split(".")[0]], cfg.history_dtype)
+        widths = {("attn", "in"): cfg.n_embd, ("mlp", "in"): cfg.n_inner, ("attn", "err"): cfg.n_embd,
+                  ("mlp", "err"): cfg.n_embd}
+        fields = {name: (widths[parse_field_name(name)[:2]], cfg.history_dtype)
                   for name in field_names(cfg.n_layer, cfg.record_errors)}
         attrs = {"row": "one trained token at one optimizer step", "layers": cfg.n_layer, "heads": cfg.n_head,
                  "head_dim": cfg.n_embd // cfg.n_head, "vocab_size": vocab_size, "optimizer": cfg.optimizer,
@@ -99,12 +101,12 @@ class HistoryRecorder:
         self._active = False
         rows = dict(self._meta)
         for key, x in self._x.items():
-            kind, layer = key.split(".")
-            rows[f"{kind}_in.{layer}"] = x[self._mask].float().cpu()
+            kind, layer = parse_module_key(key)
+            rows[field_name(kind, layer)] = x[self._mask].float().cpu()
             if self.errors:
                 if key not in self._g:
                     raise RuntimeError(f"no gradient was captured at {key}.c_proj (was backward called?)")
-                rows[f"{kind}_err.{layer}"] = (self._g[key][self._mask].double() * scale).float().cpu()
+                rows[field_name(kind, layer, "err")] = (self._g[key][self._mask].double() * scale).float().cpu()
         self.writer.append(rows)
         self._x.clear()
         self._g.clear()

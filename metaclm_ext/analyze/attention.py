@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..history_names import parse_field_name
 from ..ops import history_topk
 
 LABELS = ("seed", "seed_next_token", "next_token")
@@ -68,7 +69,7 @@ def history_attention(store, queries: dict[str, torch.Tensor], labels: dict[str,
         if field not in store:
             raise ValueError(f"the history store {store.path} has no field {field!r} (has {sorted(store.fields)})")
         res = history_topk(q, store[field], k=k, limit=torch.as_tensor(limits, device=q.device),
-                           heads=heads if field.startswith("attn") else 1)
+                           heads=heads if parse_field_name(field).module == "attn" else 1)
         out["fields"][field] = {
             name: {side: same_label_percent(sel.indices, history_labels[name], labels[name], groups,
                                             num_groups).tolist()

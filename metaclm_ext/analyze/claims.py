@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple, Optional
 
+from ..history_names import parse_field_name
 from ..paper import paper_numbers
 
 REPRODUCED, PARTLY, NOT, UNTESTED = "reproduced", "partly reproduced", "not reproduced", "not tested"
@@ -102,8 +103,8 @@ def outer_loss_checks(result: dict) -> list[Check]:
 
 
 def _pair_name(field: str) -> str:
-    kind, layer = field.split("_in.")
-    return f"{'MHSA' if kind == 'attn' else 'FFN'} L{int(layer) + 1}"
+    name = parse_field_name(field)
+    return f"{'MHSA' if name.module == 'attn' else 'FFN'} L{name.layer + 1}"
 
 
 def attention_checks(result: dict) -> list[Check]:

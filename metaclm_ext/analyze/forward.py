@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..history_names import field_name, parse_module_key
 from ..probe.models import LensModel, wrap
 from ..record import cproj_modules
 from ..train import IGNORE, make_batch
@@ -58,7 +59,7 @@ def forward_split(lm: LensModel, rows: list[dict], batch_size: int = 64) -> Spli
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for key, module in cproj_modules(model).items():
-        def take(_module, inputs, _output, field=key.replace(".", "_in.")):  # the store field's name
+        def take(_module, inputs, _output, field=field_name(*parse_module_key(key))):
             captured[field] = inputs[0]
         handles.append(module.register_forward_hook(take))
     loss_sum = torch.zeros(len(lm.layers) + 1, dtype=torch.float64)

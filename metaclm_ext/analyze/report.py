@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..history_names import field_name
 from .attention import LABELS, MODULES
 from .clustering import METRICS
 
@@ -54,7 +55,7 @@ def _attention_figure(result: dict, label: str, path: Path) -> None:
         for col, side in enumerate(("top", "last")):
             ax = axes[row, col]
             for l in range(layers):
-                ax.plot(epochs, att["fields"][f"{kind}_in.{l}"][label][side], "o-", ms=2.5, lw=1, color=colors[l],
+                ax.plot(epochs, att["fields"][field_name(kind, l)][label][side], "o-", ms=2.5, lw=1, color=colors[l],
                         label=f"layer {l + 1}")
             ax.plot(epochs, chance, "k--", lw=1, label="chance")
             ax.set_title(f"{module}: {side}-{att['k']} attended", fontsize=9)
@@ -207,7 +208,7 @@ def markdown(result: dict, files: dict) -> str:
             for label in LABELS:
                 for kind, module in MODULES.items():
                     for side in ("top", "last"):
-                        vals = [att["fields"][f"{kind}_in.{l}"][label][side][-1] for l in range(layers)]
+                        vals = [att["fields"][field_name(kind, l)][label][side][-1] for l in range(layers)]
                         lines.append(f"| {LABEL_NAMES[label]} | {module} | {side} | {_row(vals, '{:.1f}')} | "
                                      f"{att['chance'][label][-1]:.1f} |")
             lines += [""] + [f"![{LABEL_NAMES[l]}]({files['attention_' + l]})" for l in LABELS]
