@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # Modules that contribute subcommands, in the order `metaclm --help` lists them.
-COMMAND_MODULES = ["demo", "data", "train", "dualform", "analyze", "knn", "store_cli", "probe", "reproduce"]
+COMMAND_MODULES = ["demo", "data", "train", "dualcheck", "analyze", "knn", "store_cli", "probe", "reproduce"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..dualform import EXACT_TOLERANCE
+from ..dualcheck import EXACT_TOLERANCE
 from ..paper import paper_numbers, paper_numbers_path
 from .claims import PAPER_NAMES, judge_all, model_name
 from .provenance import commit, machine

@@ -97,7 +97,7 @@ def _train(ctx: Context, cfg: dict, out: Path) -> dict:
 
 
 def _dualcheck(ctx: Context, cfg: dict, out: Path) -> dict:
-    from ..dualform import dualcheck, format_report
+    from ..dualcheck import dualcheck, format_report
 
     report = dualcheck(ctx.run_dir("train_table5"), max_sequences=cfg["max_sequences"], progress=ctx.progress)
     (out / "dualcheck.json").write_text(json.dumps(report, indent=1) + "\n")
