@@ -12,7 +12,6 @@ reconstruction is only the "as if SGD" approximation, which is reported, not fai
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional
 
@@ -132,18 +131,3 @@ def format_report(report: dict) -> str:
                      "(momentum / adaptive steps / weight decay are not a sum of x_t (x) e_t); reported only")
     return "\n".join(lines)
 
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dualcheck", help="rebuild c_proj outputs from the training history (dual form) and compare")
-    p.add_argument("run", type=Path, help="RUN_DIR of `metaclm train --record-history --record-errors`")
-    p.add_argument("--epoch", type=int, default=None, help="checkpoint to check (default: the last)")
-    p.add_argument("--history", type=Path, default=None, help="store folder (default: the run's)")
-    p.add_argument("--max-sequences", type=int, default=None, help="use the first N validation sequences")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    report = dualcheck(args.run, args.epoch, args.history, args.max_sequences, progress=not args.no_progress)
-    print(format_report(report))
-    return 1 if report["passed"] is False else 0
