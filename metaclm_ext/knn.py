@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from .markdown import table
 from .ops import _source_chunks
 
 METRICS = ("ip", "l2")
@@ -316,16 +317,14 @@ def format_report(report: dict) -> str:
         f"{report['temperature']}. Model: next-token accuracy {report['model_accuracy']:.3f}, loss "
         f"{report['model_loss']:.4f} nats.",
         "",
-        "| layer | kNN next-token acc | seed purity | next-token purity | " +
-        " | ".join(f"kNN-LM loss λ={lam}" for lam in report["layers"][0]["knn_lm_loss"]) + " |",
-        "|" + "---|" * (4 + len(report["layers"][0]["knn_lm_loss"])),
+        *table(["layer", "kNN next-token acc", "seed purity", "next-token purity",
+                *(f"kNN-LM loss λ={lam}" for lam in report["layers"][0]["knn_lm_loss"])],
+               [[r["layer"], f"{r['knn_accuracy']:.3f}", f"{r['seed_purity']:.3f}", f"{r['next_token_purity']:.3f}",
+                 *(f"{v:.4f}" for v in r["knn_lm_loss"].values())] for r in report["layers"]]),
+        "",
+        "Layer 0 is the embedding output; the last layer is the final-LayerNorm output the LM head "
+        "reads. λ = 0 is the model's own loss; λ = 1 is the kNN distribution alone.",
     ]
-    for r in report["layers"]:
-        losses = " | ".join(f"{v:.4f}" for v in r["knn_lm_loss"].values())
-        lines.append(f"| {r['layer']} | {r['knn_accuracy']:.3f} | {r['seed_purity']:.3f} | "
-                     f"{r['next_token_purity']:.3f} | {losses} |")
-    lines += ["", "Layer 0 is the embedding output; the last layer is the final-LayerNorm output the LM head "
-              "reads. λ = 0 is the model's own loss; λ = 1 is the kNN distribution alone."]
     return "\n".join(lines) + "\n"
 
 
