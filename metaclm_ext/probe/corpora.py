@@ -18,6 +18,7 @@ STAND_INS = {
     "wikipedia": ("gensim enwiki sample (stand-in for Wikitext-103)", "wikitext103"),
     "news": ("gensim Lee background news corpus (stand-in for 1 Billion Words)", "1bw"),
 }
+PAPER_CORPUS_NAMES = {"wikitext103": "Wikitext-103", "1bw": "1BW"}  # the paper's corpora by paper_key
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
 

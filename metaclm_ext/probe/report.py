@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from . import pca
+from .corpora import PAPER_CORPUS_NAMES
 from ..markdown import table
 from ..paper import paper_numbers, paper_numbers_path
-
-PAPER_COLUMNS = {"wikitext103": "Wikitext-103", "1bw": "1BW"}
 
 
 def _figures(result: dict, out: Path) -> dict:
@@ -67,11 +66,11 @@ def _table1(result: dict, paper: dict) -> list[str]:
     key = result["corpus"]["paper_key"]
     rows = [[f"{result['model']['description']} (this run)", result["corpus"]["description"],
              f"{t1['sequence_percent']:.1f}", f"{t1['pair_percent']:.1f}"]]
-    keys = [key] if key else list(PAPER_COLUMNS)
+    keys = [key] if key else list(PAPER_CORPUS_NAMES)
     for name, cols in paper["table1_nondecreasing_norm_percent"].items():
         if name == "note":
             continue
-        rows += [[f"{name} (paper)", PAPER_COLUMNS[k], cols[k]["sequence"], cols[k]["pair"]] for k in keys]
+        rows += [[f"{name} (paper)", PAPER_CORPUS_NAMES[k], cols[k]["sequence"], cols[k]["pair"]] for k in keys]
     return table(["Model", "Corpus", "Sequence (%)", "Pair (%)"], rows)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from ..dualcheck import EXACT_TOLERANCE
 from ..markdown import table
 from ..paper import paper_numbers, paper_numbers_path
-from .claims import PAPER_NAMES, judge_all, model_name
+from ..probe.corpora import PAPER_CORPUS_NAMES
+from .claims import judge_all, model_name
 from .provenance import commit, machine
 from .stages import PROBE_COLUMNS, SCALES, SETTINGS, STAGES
 
@@ -96,7 +97,7 @@ def _table1(records: dict, paper: dict, claims: list) -> list[str]:
                          f"**{t1['sequence_percent']:.1f}**", f"**{t1['pair_percent']:.1f}**",
                          t1["pairs_per_trajectory"], f"{t1['null_sequence_percent']:.2g}",
                          f"{w['sequence_percent']:.1f} / {w['pair_percent']:.1f}"])
-        rows += [[f"paper: {model}", PAPER_NAMES[column], cols[column]["sequence"], cols[column]["pair"], "", "", ""]
+        rows += [[f"paper: {model}", PAPER_CORPUS_NAMES[column], cols[column]["sequence"], cols[column]["pair"], "", "", ""]
                  for model, cols in paper_table.items() if model != "note"]
     lines += [""] + table(["model", "corpus", "sequence %", "pair %", "pairs", "null sequence %",
                             "with last layer: seq / pair %"], rows)
@@ -119,7 +120,7 @@ def _table2(records: dict, paper: dict) -> list[str]:
                                   ("probe_news", "1bw", "1bw_test_sampled")):
         if records[stage]["status"] == "done":
             h = records[stage]["headline"]
-            rows.append([f"{PAPER_NAMES[key]} test: {h['corpus']['description']}",
+            rows.append([f"{PAPER_CORPUS_NAMES[key]} test: {h['corpus']['description']}",
                          f"**{h['counts']['sampled']:,}** sampled of {h['counts']['available_ge_10_words']:,}",
                          f"{sizes[paper_key]:,}", "samples of >= 10 words"])
     for stage in ("train_table5", "train_table6"):
@@ -144,7 +145,7 @@ def _table3(records: dict, paper: dict) -> list[str]:
             h = records[stage]["headline"]
             rows.append([f"ours: {model_name(h)}", h["corpus"]["description"],
                          f"**{h['counts']['kept_after_loss_filter']:,}** of {h['counts']['sampled']:,}"])
-        rows += [[f"paper: {model}", PAPER_NAMES[column], f"{cols[column]:,} of {total[column]:,}"]
+        rows += [[f"paper: {model}", PAPER_CORPUS_NAMES[column], f"{cols[column]:,} of {total[column]:,}"]
                  for model, cols in t3.items()]
     return lines + table(["model", "corpus", "kept"], rows)
 
