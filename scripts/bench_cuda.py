@@ -90,7 +90,8 @@ def faiss_topk(queries, history, k):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="histories 8x shorter")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
+                                                      "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda: skipped, no CUDA device")
