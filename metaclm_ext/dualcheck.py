@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .ops import dual_form_apply
 from .record import cproj_modules, epoch_limits
+from .store import HistoryStore
 from .train import Run, load_checkpoint, load_run, make_batch
 
 EXACT_TOLERANCE = 1e-4
@@ -71,8 +72,6 @@ def dualcheck(run_dir, epoch: Optional[int] = None, history: Optional[Path] = No
     Also reports the error of W0 x + b0 alone (how far training moved the outputs), so a small dual-form
     error means the history explains the change, not that nothing changed.
     """
-    from .store import HistoryStore
-
     run = load_run(run_dir)
     path = Path(history) if history is not None else run.history
     if path is None:

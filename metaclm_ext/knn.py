@@ -17,9 +17,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .markdown import table
 from .ops import _source_chunks
+from .train import IGNORE, load_checkpoint, load_run, make_batch
 
 METRICS = ("ip", "l2")
 KINDS = ("flat", "ivfpq")
@@ -246,8 +248,6 @@ def layer_representations(model, rows: list, batch_size: int = 64) -> dict:
     the final-LayerNorm output that the LM head reads, as transformers returns it), "next_token",
     "seed": int64 [T], "lm_logprobs": fp32 [T, V]}.
     """
-    from .train import IGNORE, make_batch
-
     layers, next_token, seeds, logprobs = None, [], [], []
     model.eval()
     for i in range(0, len(rows), batch_size):
@@ -269,10 +269,6 @@ def evaluate_run(run_dir, *, epoch=None, k: int = 16, metric: str = "l2", kind: 
                  temperature: float = 1.0, lambdas=(0.0, 0.25, 0.5, 0.75, 1.0), out_dir=None,
                  progress: bool = True) -> dict:
     """Index each layer's training-token representations, query with the validation tokens."""
-    from tqdm.auto import tqdm
-
-    from .train import load_checkpoint, load_run
-
     run = load_run(run_dir)
     model = load_checkpoint(run_dir, epoch)
     epoch = run.epochs[-1] if epoch is None else epoch
