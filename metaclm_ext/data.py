@@ -173,4 +173,3 @@ def table2(data: dict) -> str:
     for split, key in (("train", "train"), ("validation", "validation")):
         lines.append(f"{split:<12}{len(data[split]):>8,}{ref[key]:>8,}")
     return "\n".join(lines)
-

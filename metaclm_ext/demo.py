@@ -18,4 +18,3 @@ def run_demo(rows: int, queries: int, heads: int, head_dim: int, k: int, dtype: 
     result = history_topk(q, history, k)
     seconds = time.perf_counter() - start
     return {"result": result, "seconds": seconds, "bytes": history.numel() * history.element_size()}
-

@@ -129,4 +129,3 @@ def format_report(report: dict) -> str:
         lines.append(f"max relative error {worst:.3e}: the dual form is NOT exact for {report['optimizer']} "
                      "(momentum / adaptive steps / weight decay are not a sum of x_t (x) e_t); reported only")
     return "\n".join(lines)
-

@@ -339,4 +339,3 @@ def load_checkpoint(run_dir, epoch: Optional[int] = None, device: str = "cpu"):
     if epoch not in run.epochs:
         raise FileNotFoundError(f"{run_dir} has no checkpoint for epoch {epoch} (has {run.epochs})")
     return GPT2LMHeadModel.from_pretrained(checkpoint_dir(run_dir, epoch)).to(device).eval()
-
