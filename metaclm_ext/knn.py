@@ -325,7 +325,7 @@ def format_report(report: dict) -> str:
 
 
 def _plot(report: dict, path: str) -> None:
-    import matplotlib
+    import matplotlib  # when plotting: pyplot would add half a second to every `metaclm` start
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -109,14 +109,14 @@ def resolve_device(name: str) -> torch.device:
 
 def _quiet_transformers() -> None:
     """No per-call progress bars from save_pretrained / from_pretrained (one bar per run is ours)."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # transformers takes seconds to import: only where a model is made
 
     logging.disable_progress_bar()
 
 
 def build_model(cfg: TrainConfig, n_positions: int):
     """GPT2LMHeadModel of the paper's design (tied LM head, GELU, pre-LayerNorm as in GPT-2)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # only where needed, as in _quiet_transformers
 
     _quiet_transformers()
     config = GPT2Config(
@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, run_dir: Path, data_dir: Optional[Path] = None, prog
     total_steps = steps_per_epoch * cfg.epochs
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps) if cfg.scheduler == "cosine"
              else None)
-    import transformers
+    import transformers  # only where needed, as in _quiet_transformers
 
     (run_dir / "config.json").write_text(json.dumps({
         "config": dataclasses.asdict(cfg), "parameters": n_params, "n_positions": n_positions,
@@ -329,7 +329,7 @@ def load_run(run_dir) -> Run:
 
 def load_checkpoint(run_dir, epoch: Optional[int] = None, device: str = "cpu"):
     """The GPT2LMHeadModel saved at ``epoch`` (default: the last), in eval mode."""
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel  # only where needed, as in _quiet_transformers
 
     _quiet_transformers()
     run = load_run(run_dir)

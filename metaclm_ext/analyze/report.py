@@ -15,7 +15,7 @@ FIGURE_OF_LABEL = {"seed": "Fig. 3", "seed_next_token": "Fig. 10", "next_token":
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # when plotting: pyplot would add half a second to every `metaclm` start
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -24,7 +24,7 @@ def _plt():
 
 
 def _epoch_axis(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # matplotlib only when plotting, as in _plt
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
@@ -95,7 +95,7 @@ def _loss_figure(result: dict, split: str, path: Path, figure: str) -> None:
     plt = _plt()
     rows, epochs = np.array(result["inner_loss"][split]), result["epochs"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import ListedColormap  # matplotlib only when plotting, as in _plt
 
     cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 0.9, 256)))  # no pale yellow end
     norm = plt.Normalize(min(epochs), max(max(epochs), min(epochs) + 1))

@@ -37,7 +37,7 @@ def sentences(text: str) -> list[str]:
 
 
 def _gensim_file(name: str) -> Path:
-    from gensim.test.utils import datapath
+    from gensim.test.utils import datapath  # gensim (seconds to import) only for the stand-in corpora
 
     path = Path(datapath(name))
     if not path.exists():
@@ -46,7 +46,7 @@ def _gensim_file(name: str) -> Path:
 
 
 def _wikipedia_texts() -> list[str]:
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki  # gensim only here, as in _gensim_file
 
     out = []
     with bz2.open(_gensim_file(WIKI_FILE)) as fh:

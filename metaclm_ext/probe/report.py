@@ -13,7 +13,7 @@ from ..paper import paper_numbers, paper_numbers_path
 
 
 def _figures(result: dict, out: Path) -> dict:
-    import matplotlib
+    import matplotlib  # when plotting: pyplot would add half a second to every `metaclm` start
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
