@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import metaclm_ext
-import baselines
+from metaclm_ext import baselines
 
 K = 10
 

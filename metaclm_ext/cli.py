@@ -1,15 +1,16 @@
 """The `metaclm` command line. Thin: each subcommand parses its flags and calls one library function.
 
-Subcommands live beside the code they drive; each module exposes ``add_parser(subparsers)``.
+Each subcommand is one module of metaclm_ext.commands with ``add_parser(subparsers)`` and ``main(args)``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# Modules that contribute subcommands, in the order `metaclm --help` lists them.
-COMMAND_MODULES = ["demo", "data", "train", "dualform", "analyze", "knn", "store_cli", "probe", "reproduce"]
+from .commands import analyze, data, demo, dualcheck, knn, probe, reproduce, store_info, train
+
+# In the order `metaclm --help` lists them.
+COMMANDS = (demo, data, train, dualcheck, analyze, knn, store_info, probe, reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transformers as inner optimisation over their training history (arXiv 2310.05884).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"metaclm_ext.{name}").add_parser(sub)
+    for command in COMMANDS:
+        command.add_parser(sub)
     return parser
 
 

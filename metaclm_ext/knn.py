@@ -17,8 +17,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from .markdown import table
 from .stream import source_chunks
+from .train import IGNORE, load_checkpoint, load_run, make_batch
 
 METRICS = ("ip", "l2")
 KINDS = ("flat", "ivfpq")
@@ -245,8 +248,6 @@ def layer_representations(model, rows: list, batch_size: int = 64) -> dict:
     the final-LayerNorm output that the LM head reads, as transformers returns it), "next_token",
     "seed": int64 [T], "lm_logprobs": fp32 [T, V]}.
     """
-    from .train import IGNORE, make_batch
-
     layers, next_token, seeds, logprobs = None, [], [], []
     model.eval()
     for i in range(0, len(rows), batch_size):
@@ -268,10 +269,6 @@ def evaluate_run(run_dir, *, epoch=None, k: int = 16, metric: str = "l2", kind: 
                  temperature: float = 1.0, lambdas=(0.0, 0.25, 0.5, 0.75, 1.0), out_dir=None,
                  progress: bool = True) -> dict:
     """Index each layer's training-token representations, query with the validation tokens."""
-    from tqdm.auto import tqdm
-
-    from .train import load_checkpoint, load_run
-
     run = load_run(run_dir)
     model = load_checkpoint(run_dir, epoch)
     epoch = run.epochs[-1] if epoch is None else epoch
@@ -316,21 +313,19 @@ def format_report(report: dict) -> str:
         f"{report['temperature']}. Model: next-token accuracy {report['model_accuracy']:.3f}, loss "
         f"{report['model_loss']:.4f} nats.",
         "",
-        "| layer | kNN next-token acc | seed purity | next-token purity | " +
-        " | ".join(f"kNN-LM loss λ={lam}" for lam in report["layers"][0]["knn_lm_loss"]) + " |",
-        "|" + "---|" * (4 + len(report["layers"][0]["knn_lm_loss"])),
+        *table(["layer", "kNN next-token acc", "seed purity", "next-token purity",
+                *(f"kNN-LM loss λ={lam}" for lam in report["layers"][0]["knn_lm_loss"])],
+               [[r["layer"], f"{r['knn_accuracy']:.3f}", f"{r['seed_purity']:.3f}", f"{r['next_token_purity']:.3f}",
+                 *(f"{v:.4f}" for v in r["knn_lm_loss"].values())] for r in report["layers"]]),
+        "",
+        "Layer 0 is the embedding output; the last layer is the final-LayerNorm output the LM head "
+        "reads. λ = 0 is the model's own loss; λ = 1 is the kNN distribution alone.",
     ]
-    for r in report["layers"]:
-        losses = " | ".join(f"{v:.4f}" for v in r["knn_lm_loss"].values())
-        lines.append(f"| {r['layer']} | {r['knn_accuracy']:.3f} | {r['seed_purity']:.3f} | "
-                     f"{r['next_token_purity']:.3f} | {losses} |")
-    lines += ["", "Layer 0 is the embedding output; the last layer is the final-LayerNorm output the LM head "
-              "reads. λ = 0 is the model's own loss; λ = 1 is the kNN distribution alone."]
     return "\n".join(lines) + "\n"
 
 
 def _plot(report: dict, path: str) -> None:
-    import matplotlib
+    import matplotlib  # when plotting: pyplot would add half a second to every `metaclm` start
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -354,24 +349,3 @@ def _plot(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("knn", help="per-layer FAISS kNN over a run's training tokens: kNN accuracy, seed purity, kNN-LM")
-    p.add_argument("run", help="run folder written by `metaclm train`")
-    p.add_argument("--epoch", type=int, default=None, help="checkpoint epoch (default: the last)")
-    p.add_argument("--k", type=int, default=16, help="neighbours per query (default 16)")
-    p.add_argument("--metric", choices=METRICS, default="l2", help="l2 (kNN-LM, default) or ip (dual-form factor)")
-    p.add_argument("--kind", choices=KINDS, default="flat", help="flat (exact, default) or ivfpq (large histories)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of neighbour weights")
-    p.add_argument("--lambdas", default="0,0.1,0.25,0.5,0.75,0.9,1", help="kNN-LM interpolation weights")
-    p.add_argument("--out", default=None, help="output folder (default RUN/knn)")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    lambdas = [float(x) for x in args.lambdas.split(",")]
-    report = evaluate_run(args.run, epoch=args.epoch, k=args.k, metric=args.metric, kind=args.kind,
-                          temperature=args.temperature, lambdas=lambdas, out_dir=args.out)
-    print(format_report(report))
-    return 0

@@ -11,7 +11,6 @@ RUN_DIR layout (every later command takes RUN_DIR; load it with :func:`load_run`
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -110,14 +109,14 @@ def resolve_device(name: str) -> torch.device:
 
 def _quiet_transformers() -> None:
     """No per-call progress bars from save_pretrained / from_pretrained (one bar per run is ours)."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # transformers takes seconds to import: only where a model is made
 
     logging.disable_progress_bar()
 
 
 def build_model(cfg: TrainConfig, n_positions: int):
     """GPT2LMHeadModel of the paper's design (tied LM head, GELU, pre-LayerNorm as in GPT-2)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # only where needed, as in _quiet_transformers
 
     _quiet_transformers()
     config = GPT2Config(
@@ -225,7 +224,7 @@ def train(cfg: TrainConfig, run_dir: Path, data_dir: Optional[Path] = None, prog
     total_steps = steps_per_epoch * cfg.epochs
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps) if cfg.scheduler == "cosine"
              else None)
-    import transformers
+    import transformers  # only where needed, as in _quiet_transformers
 
     (run_dir / "config.json").write_text(json.dumps({
         "config": dataclasses.asdict(cfg), "parameters": n_params, "n_positions": n_positions,
@@ -330,7 +329,7 @@ def load_run(run_dir) -> Run:
 
 def load_checkpoint(run_dir, epoch: Optional[int] = None, device: str = "cpu"):
     """The GPT2LMHeadModel saved at ``epoch`` (default: the last), in eval mode."""
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel  # only where needed, as in _quiet_transformers
 
     _quiet_transformers()
     run = load_run(run_dir)
@@ -340,36 +339,3 @@ def load_checkpoint(run_dir, epoch: Optional[int] = None, device: str = "cpu"):
     if epoch not in run.epochs:
         raise FileNotFoundError(f"{run_dir} has no checkpoint for epoch {epoch} (has {run.epochs})")
     return GPT2LMHeadModel.from_pretrained(checkpoint_dir(run_dir, epoch)).to(device).eval()
-
-
-# -- CLI -------------------------------------------------------------------------------------------
-
-_FLAG_TYPES = {"int": int, "Optional[int]": int, "float": float, "Optional[float]": float, "str": str}
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the paper's GPT-2 design model (presets table5, table6, tiny)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="table5")
-    p.add_argument("--out", type=Path, required=True, help="RUN_DIR to create")
-    p.add_argument("--data", type=Path, default=None, help="dataset folder from `metaclm data` (default: generate)")
-    p.add_argument("--record-history", nargs="?", const="", default=None, metavar="DIR",
-                   help="record the training history into a store at DIR (default RUN_DIR/history)")
-    p.add_argument("--record-errors", action="store_true", help="also record the c_proj error signals e_t")
-    p.add_argument("--history-dtype", choices=sorted(HISTORY_DTYPE_NAMES), default=None, help="store dtype (default float16)")
-    p.add_argument("--no-progress", action="store_true")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("record_history", "record_errors", "history_dtype"):
-            continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=_FLAG_TYPES[f.type], default=None,
-                       help=f"override {f.name} ({f.type})")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
-    if args.record_history is not None:
-        overrides["record_history"] = str(args.record_history or args.out / "history")
-    overrides["record_errors"] = args.record_errors or None
-    cfg = make_config(args.preset, **overrides)
-    train(cfg, args.out, data_dir=args.data, progress=not args.no_progress)
-    return 0

@@ -10,7 +10,7 @@ scripts/appendix_b_synthetic.py RUN_DIR.
 """
 import sys
 
-from metaclm_ext.reproduce.cli import script_main
+from metaclm_ext.commands.reproduce import script_main
 
 STAGES = ["appendix_b"]
 

@@ -22,8 +22,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from baselines import torch_topk  # noqa: E402  (the same chunked baseline as the CPU table)
+import metaclm_ext
+from metaclm_ext.baselines import torch_topk  # the same chunked baseline as the CPU table
+from metaclm_ext.ops import TensorRows
 
 # (name, Q, H, Dh, N, k): Q*H up to 1024 query heads, head dims 8 to 128.
 CASES = [
@@ -89,14 +90,12 @@ def faiss_topk(queries, history, k):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="histories 8x shorter")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
+                                                      "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda: skipped, no CUDA device")
         return 0
-    import metaclm_ext
-    from metaclm_ext.ops import TensorRows
-
     torch.manual_seed(0)
     result = {
         "device": torch.cuda.get_device_name(),

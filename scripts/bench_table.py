@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark table for issue 9: our three ops vs chunked torch and FAISS on the paper's shapes.
+"""Benchmark table: our three ops vs chunked torch and FAISS on the paper's shapes.
 
 For each workload (history_topk, history_label_mass, dual_form_apply) it prints our time, each
 baseline's time, the ratio to the best baseline, and the fraction of this machine's limit,
@@ -23,21 +23,18 @@ import sys
 import time
 
 import torch
+from matplotlib.figure import Figure
+
+import metaclm_ext
+from metaclm_ext import HistoryStore, HistoryWriter, baselines
+from metaclm_ext.reproduce.provenance import cpu_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
-
-import baselines  # noqa: E402
-
-import metaclm_ext  # noqa: E402
-
 K = 10
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def machine() -> dict:
-    from metaclm_ext.reproduce.provenance import cpu_model
-
     return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "platform": platform.platform(), "python": platform.python_version()}
 
@@ -67,8 +64,6 @@ def workloads(quick: bool) -> list[dict]:
 
 def write_store(path: str, rows: int, width: int, dtype: str, block: int = 1 << 20) -> None:
     """A HistoryStore of random rows, written block by block (memory stays at one block)."""
-    from metaclm_ext import HistoryWriter
-
     gen = torch.Generator().manual_seed(0)
     with HistoryWriter.create(path, fields={"h": (width, dtype)}, columns={}, shard_rows=block) as w:
         for start in range(0, rows, block):
@@ -82,8 +77,6 @@ def topk_work(rows: int, width: int, itemsize: int, queries: int) -> tuple[float
 
 def run_store(w: dict, path: str) -> dict:
     """history_topk streamed from a store on disk (first pass after writing: the page cache holds what fits)."""
-    from metaclm_ext import HistoryStore
-
     width = w["heads"] * w["head_dim"]
     if not os.path.exists(os.path.join(path, "manifest.json")):
         write_store(path, w["rows"], width, w["dtype"])
@@ -213,14 +206,10 @@ def main() -> int:
 
 
 def plot(rows: list[dict], path: str, info: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = [r for r in rows
               if r["op"] == "history_topk" and r["kind"] == "attn" and r["queries"] == 200 and r["dtype"] == "float16"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))  # no pyplot: nothing to display, no global figure state
+    ax = fig.subplots()
     n = [r["rows"] for r in series]
     times = [dict(r["baselines"], ours=r["ours_s"], limit=r["limit_s"]) for r in series]
     for key, label, style in [("ours", "metaclm_ext.history_topk", "o-"), ("torch", "torch chunked matmul+topk", "s--"),

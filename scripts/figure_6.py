@@ -9,7 +9,7 @@ writes OUT/REPORT.md; a rerun skips finished stages (docs/reproduce.md).
 """
 import sys
 
-from metaclm_ext.reproduce.cli import script_main
+from metaclm_ext.commands.reproduce import script_main
 
 STAGES = ["analyze_table6"]
 

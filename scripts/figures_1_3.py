@@ -10,7 +10,7 @@ training they need) into --out and writes OUT/REPORT.md; a rerun skips finished 
 """
 import sys
 
-from metaclm_ext.reproduce.cli import script_main
+from metaclm_ext.commands.reproduce import script_main
 
 STAGES = ["analyze_table5", "dualcheck_table5", "knn_table5"]
 

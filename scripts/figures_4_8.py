@@ -10,7 +10,7 @@ OUT/REPORT.md; a rerun skips finished stages (docs/reproduce.md).
 """
 import sys
 
-from metaclm_ext.reproduce.cli import script_main
+from metaclm_ext.commands.reproduce import script_main
 
 STAGES = ["probe_wikipedia", "probe_news"]
 

@@ -9,7 +9,7 @@ OUT/REPORT.md; a rerun skips the stages already done with the same settings (doc
 """
 import sys
 
-from metaclm_ext.reproduce.cli import script_main
+from metaclm_ext.commands.reproduce import script_main
 
 STAGES = ["data", "probe_wikipedia", "probe_news"]
 

@@ -8,7 +8,7 @@ import torch
 
 from metaclm_ext import data
 from metaclm_ext.cli import main
-from metaclm_ext.dualform import dualcheck
+from metaclm_ext.dualcheck import dualcheck
 from metaclm_ext.paper import paper_numbers
 from metaclm_ext.record import COLUMNS, field_names
 from metaclm_ext.store import HistoryStore

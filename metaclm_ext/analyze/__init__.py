@@ -4,7 +4,6 @@ attention (Figures 3/10, streaming the recorded history through history_topk), c
 inner loss (Figures 2/11, the logit lens of metaclm_ext.probe), norm trajectories (Figure 6), and the
 paper's qualitative claims judged on the numbers (claims).
 """
-from .cli import add_parser
 from .run import AnalyzeConfig, analyze_run
 
-__all__ = ["AnalyzeConfig", "add_parser", "analyze_run"]
+__all__ = ["AnalyzeConfig", "analyze_run"]

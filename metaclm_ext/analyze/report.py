@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..history_names import field_name
+from ..markdown import table
 from .attention import LABELS, MODULES
 from .clustering import METRICS
 
@@ -15,7 +16,7 @@ FIGURE_OF_LABEL = {"seed": "Fig. 3", "seed_next_token": "Fig. 10", "next_token":
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # when plotting: pyplot would add half a second to every `metaclm` start
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -24,7 +25,7 @@ def _plt():
 
 
 def _epoch_axis(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # matplotlib only when plotting, as in _plt
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
@@ -95,7 +96,7 @@ def _loss_figure(result: dict, split: str, path: Path, figure: str) -> None:
     plt = _plt()
     rows, epochs = np.array(result["inner_loss"][split]), result["epochs"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import ListedColormap  # matplotlib only when plotting, as in _plt
 
     cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 0.9, 256)))  # no pale yellow end
     norm = plt.Normalize(min(epochs), max(max(epochs), min(epochs) + 1))
@@ -167,8 +168,8 @@ def figures(result: dict, out: Path) -> dict:
     return files
 
 
-def _row(values, fmt="{:.3f}") -> str:
-    return " | ".join("—" if v is None else fmt.format(v) for v in values)
+def _cells(values, fmt="{:.3f}") -> list[str]:
+    return ["—" if v is None else fmt.format(v) for v in values]
 
 
 def markdown(result: dict, files: dict) -> str:
@@ -201,43 +202,41 @@ def markdown(result: dict, files: dict) -> str:
         if "fields" not in att:
             lines.append(f"Not run: {att['skipped']}.")
         else:
-            lines += [f"Top-{att['k']} / last-{att['k']} same-label percentage at the last checkpoint (epoch "
-                      f"{att['epochs'][-1]}, {att['limits'][-1]:,} history rows); chance in the last column.", "",
-                      "| label | module | side | " + " | ".join(f"L{l + 1}" for l in range(layers)) + " | chance |",
-                      "|---|---|---|" + "---|" * (layers + 1)]
+            rows = []
             for label in LABELS:
                 for kind, module in MODULES.items():
                     for side in ("top", "last"):
                         vals = [att["fields"][field_name(kind, l)][label][side][-1] for l in range(layers)]
-                        lines.append(f"| {LABEL_NAMES[label]} | {module} | {side} | {_row(vals, '{:.1f}')} | "
-                                     f"{att['chance'][label][-1]:.1f} |")
+                        rows.append([LABEL_NAMES[label], module, side, *_cells(vals, "{:.1f}"),
+                                     f"{att['chance'][label][-1]:.1f}"])
+            lines += [f"Top-{att['k']} / last-{att['k']} same-label percentage at the last checkpoint (epoch "
+                      f"{att['epochs'][-1]}, {att['limits'][-1]:,} history rows); chance in the last column.", "",
+                      *table(["label", "module", "side", *(f"L{l + 1}" for l in range(layers)), "chance"], rows)]
             lines += [""] + [f"![{LABEL_NAMES[l]}]({files['attention_' + l]})" for l in LABELS]
     if "clustering" in result:
+        rows = [[split, LABEL_NAMES[label], metric.upper(), *_cells(metrics[metric][-1])]
+                for split, by_label in result["clustering"]["scores"].items()
+                for label, metrics in by_label.items() for metric in METRICS]
         lines += ["", "## Clustering (Figures 1 and 9)", "", "F1 / ARI / AMI at the last checkpoint per state "
                   "(emb = embedding output, Ll = block l's output).", "",
-                  "| split | label | metric | " + " | ".join(_state_name(s) for s in states) + " |",
-                  "|---|---|---|" + "---|" * len(states)]
-        for split, by_label in result["clustering"]["scores"].items():
-            for label, metrics in by_label.items():
-                for metric in METRICS:
-                    lines.append(f"| {split} | {LABEL_NAMES[label]} | {metric.upper()} | {_row(metrics[metric][-1])} |")
+                  *table(["split", "label", "metric", *(_state_name(s) for s in states)], rows)]
         lines += ["", f"![F1]({files['clustering_f1']})", "", f"![all]({files['clustering_all']})"]
     if "inner_loss" in result:
-        lines += ["", "## Inner loss (Figures 2 and 11)", "",
-                  "| split | epoch | " + " | ".join(_state_name(s) for s in states) + " |",
-                  "|---|---|" + "---|" * len(states)]
         shown = sorted({0, len(epochs) // 2, len(epochs) - 1})
-        for split, rows in result["inner_loss"].items():
-            lines += [f"| {split} | {epochs[i]} | {_row(rows[i])} |" for i in shown]
+        rows = [[split, epochs[i], *_cells(losses[i])] for split, losses in result["inner_loss"].items() for i in shown]
+        lines += ["", "## Inner loss (Figures 2 and 11)", "",
+                  *table(["split", "epoch", *(_state_name(s) for s in states)], rows)]
         lines += ["", f"![train]({files['inner_loss_train']})", "", f"![validation]({files['inner_loss_validation']})"]
     if result.get("norms"):
         first, last = result["norms"][0], result["norms"][-1]
-        lines += ["", "## Norm trajectories (Figure 6)", "", "| epoch | pair % | sequence % | pair % (no last layer) | "
-                  "sequence % (no last layer) |", "|---|---|---|---|---|"]
+        rows = []
         for e, r in ((epochs[0], first), (epochs[-1], last)):
             w, wo = r["with_last_layer"], r["without_last_layer"]
-            lines.append(f"| {e} | {w['pair_percent']:.1f} | {w['sequence_percent']:.1f} | {wo['pair_percent']:.1f} | "
-                         f"{wo['sequence_percent']:.1f} |")
+            rows.append([e, f"{w['pair_percent']:.1f}", f"{w['sequence_percent']:.1f}", f"{wo['pair_percent']:.1f}",
+                         f"{wo['sequence_percent']:.1f}"])
+        lines += ["", "## Norm trajectories (Figure 6)", "",
+                  *table(["epoch", "pair %", "sequence %", "pair % (no last layer)", "sequence % (no last layer)"],
+                         rows)]
         lines += ["", f"Null: pair 50%, sequence {last['with_last_layer']['null_sequence_percent']:.2f}% "
                   f"({last['with_last_layer']['pairs']} pairs).", "", f"![norms]({files['norms']})"]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ STAND_INS = {
     "wikipedia": ("gensim enwiki sample (stand-in for Wikitext-103)", "wikitext103"),
     "news": ("gensim Lee background news corpus (stand-in for 1 Billion Words)", "1bw"),
 }
+PAPER_CORPUS_NAMES = {"wikitext103": "Wikitext-103", "1bw": "1BW"}  # the paper's corpora by paper_key
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
 
@@ -36,7 +37,7 @@ def sentences(text: str) -> list[str]:
 
 
 def _gensim_file(name: str) -> Path:
-    from gensim.test.utils import datapath
+    from gensim.test.utils import datapath  # gensim (seconds to import) only for the stand-in corpora
 
     path = Path(datapath(name))
     if not path.exists():
@@ -45,7 +46,7 @@ def _gensim_file(name: str) -> Path:
 
 
 def _wikipedia_texts() -> list[str]:
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki  # gensim only here, as in _gensim_file
 
     out = []
     with bz2.open(_gensim_file(WIKI_FILE)) as fh:

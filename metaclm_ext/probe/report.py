@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from . import pca
+from .corpora import PAPER_CORPUS_NAMES
+from ..markdown import table
 from ..paper import paper_numbers, paper_numbers_path
-
-PAPER_COLUMNS = {"wikitext103": "Wikitext-103", "1bw": "1BW"}
 
 
 def _figures(result: dict, out: Path) -> dict:
-    import matplotlib
+    import matplotlib  # when plotting: pyplot would add half a second to every `metaclm` start
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -64,17 +64,14 @@ def _figures(result: dict, out: Path) -> dict:
 def _table1(result: dict, paper: dict) -> list[str]:
     t1 = result["norms"]["table1"]
     key = result["corpus"]["paper_key"]
-    lines = ["| Model | Corpus | Sequence (%) | Pair (%) |", "|---|---|---|---|",
-             f"| {result['model']['description']} (this run) | {result['corpus']['description']} | "
-             f"{t1['sequence_percent']:.1f} | {t1['pair_percent']:.1f} |"]
-    table = paper["table1_nondecreasing_norm_percent"]
-    keys = [key] if key else list(PAPER_COLUMNS)
-    for name, cols in table.items():
+    rows = [[f"{result['model']['description']} (this run)", result["corpus"]["description"],
+             f"{t1['sequence_percent']:.1f}", f"{t1['pair_percent']:.1f}"]]
+    keys = [key] if key else list(PAPER_CORPUS_NAMES)
+    for name, cols in paper["table1_nondecreasing_norm_percent"].items():
         if name == "note":
             continue
-        for k in keys:
-            lines.append(f"| {name} (paper) | {PAPER_COLUMNS[k]} | {cols[k]['sequence']} | {cols[k]['pair']} |")
-    return lines
+        rows += [[f"{name} (paper)", PAPER_CORPUS_NAMES[k], cols[k]["sequence"], cols[k]["pair"]] for k in keys]
+    return table(["Model", "Corpus", "Sequence (%)", "Pair (%)"], rows)
 
 
 def markdown(result: dict, files: dict, paper: dict) -> str:
@@ -101,10 +98,8 @@ def markdown(result: dict, files: dict, paper: dict) -> str:
         f"Mean inner loss: embeddings (state 0) {il['first']:.3f} nats, last layer {il['last']:.3f} nats; lowest at "
         f"state {il['min_state']}.",
         "",
-        "| state | " + " | ".join(str(s) for s in il["states"]) + " |",
-        "|---|" + "---|" * len(il["states"]),
-        "| mean loss | " + " | ".join(f"{v:.2f}" for v in il["mean"]) + " |",
-        "| mean norm | " + " | ".join(f"{v:.1f}" for v in result["norms"]["mean"]) + " |",
+        *table(["state", *il["states"]], [["mean loss", *(f"{v:.2f}" for v in il["mean"])],
+                                          ["mean norm", *(f"{v:.1f}" for v in result["norms"]["mean"])]]),
         "",
         f"![inner loss]({files['inner_loss']})",
         "",

@@ -3,8 +3,7 @@
 One resumable pipeline over the library's commands that writes every table and figure of the paper next
 to the paper's numbers (see docs/reproduce.md). ``reproduce(out_dir, scale, only, settings)`` in Python.
 """
-from .cli import add_parser
 from .run import reproduce, selected_stages, stage_settings
 from .stages import SCALES, SETTINGS, STAGES
 
-__all__ = ["SCALES", "SETTINGS", "STAGES", "add_parser", "reproduce", "selected_stages", "stage_settings"]
+__all__ = ["SCALES", "SETTINGS", "STAGES", "reproduce", "selected_stages", "stage_settings"]

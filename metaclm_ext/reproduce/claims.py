@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from ..analyze.claims import SEQUENCE_MARGIN, UNTESTED, Check, verdict
 from ..paper import paper_numbers
+from ..probe.corpora import PAPER_CORPUS_NAMES
 from .stages import PROBE_COLUMNS
 
-PAPER_NAMES = {"wikitext103": "Wikitext-103", "1bw": "1BW"}
 ANALYZED = {"Fig 1/9": "analyze_table5", "Fig 2a/11a": "analyze_table5", "Fig 2b/11b": "analyze_table5",
             "Fig 3/10": "analyze_table5", "Fig 6": "analyze_table6"}
 
@@ -47,7 +47,7 @@ def real_lm_norm_checks(probes: dict) -> list[Check]:
         column = PROBE_COLUMNS[stage]
         paper = [cols[column] for model, cols in table.items() if model != "note"]
         low_pair, low_seq = min(p["pair"] for p in paper), min(p["sequence"] for p in paper)
-        t1, name, corpus = head["norms"]["table1"], _probe_name(head, stage), PAPER_NAMES[column]
+        t1, name, corpus = head["norms"]["table1"], _probe_name(head, stage), PAPER_CORPUS_NAMES[column]
         checks += [
             Check(f"{name}: pair level {t1['pair_percent']:.1f}% >= the paper's lowest on {corpus} ({low_pair}%)",
                   t1["pair_percent"] >= low_pair),

@@ -9,9 +9,11 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..dualform import EXACT_TOLERANCE
+from ..dualcheck import EXACT_TOLERANCE
+from ..markdown import table
 from ..paper import paper_numbers, paper_numbers_path
-from .claims import PAPER_NAMES, judge_all, model_name
+from ..probe.corpora import PAPER_CORPUS_NAMES
+from .claims import judge_all, model_name
 from .provenance import commit, machine
 from .stages import PROBE_COLUMNS, SCALES, SETTINGS, STAGES
 
@@ -22,14 +24,6 @@ PAPER_TABLES = {"train_table5": "table5_training_section5", "train_table6": "tab
 
 def _f(v, fmt="{:.3f}") -> str:
     return "—" if v is None else fmt.format(v)
-
-
-def _row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
-def _table(header: list, rows: list) -> list[str]:
-    return [_row(header), "|" + "---|" * len(header), *(_row(r) for r in rows)]
 
 
 def _fig(stage: str, files: dict, name: str, alt: str) -> str:
@@ -91,7 +85,7 @@ def _table1(records: dict, paper: dict, claims: list) -> list[str]:
     lines = ["## Table 1: non-decreasing current-token norms (Section 8.1)", "",
              "Last layer excluded, as in the paper: one trajectory per studied token over states 0 (embeddings) .. "
              "L-1; sequence % = trajectories that never decrease, pair % = neighbouring pairs that do not.", ""]
-    table = paper["table1_nondecreasing_norm_percent"]
+    paper_table = paper["table1_nondecreasing_norm_percent"]
     rows = []
     for stage, column in PROBE_COLUMNS.items():
         lines += _absent(records, stage)
@@ -103,9 +97,9 @@ def _table1(records: dict, paper: dict, claims: list) -> list[str]:
                          f"**{t1['sequence_percent']:.1f}**", f"**{t1['pair_percent']:.1f}**",
                          t1["pairs_per_trajectory"], f"{t1['null_sequence_percent']:.2g}",
                          f"{w['sequence_percent']:.1f} / {w['pair_percent']:.1f}"])
-        rows += [[f"paper: {model}", PAPER_NAMES[column], cols[column]["sequence"], cols[column]["pair"], "", "", ""]
-                 for model, cols in table.items() if model != "note"]
-    lines += [""] + _table(["model", "corpus", "sequence %", "pair %", "pairs", "null sequence %",
+        rows += [[f"paper: {model}", PAPER_CORPUS_NAMES[column], cols[column]["sequence"], cols[column]["pair"], "", "", ""]
+                 for model, cols in paper_table.items() if model != "note"]
+    lines += [""] + table(["model", "corpus", "sequence %", "pair %", "pairs", "null sequence %",
                             "with last layer: seq / pair %"], rows)
     figs = [_fig(s, records[s]["headline"]["files"], "norms", f"norms, {s}") for s in PROBE_COLUMNS
             if records[s]["status"] == "done"]
@@ -126,7 +120,7 @@ def _table2(records: dict, paper: dict) -> list[str]:
                                   ("probe_news", "1bw", "1bw_test_sampled")):
         if records[stage]["status"] == "done":
             h = records[stage]["headline"]
-            rows.append([f"{PAPER_NAMES[key]} test: {h['corpus']['description']}",
+            rows.append([f"{PAPER_CORPUS_NAMES[key]} test: {h['corpus']['description']}",
                          f"**{h['counts']['sampled']:,}** sampled of {h['counts']['available_ge_10_words']:,}",
                          f"{sizes[paper_key]:,}", "samples of >= 10 words"])
     for stage in ("train_table5", "train_table6"):
@@ -134,7 +128,7 @@ def _table2(records: dict, paper: dict) -> list[str]:
             h = records[stage]["headline"]
             rows.append([f"trained on in `{stage}`", f"{h['train_sequences']:,} train / {h['validation_sequences']:,} "
                          "validation", "", f"max_train_sequences {h['config']['max_train_sequences'] or 'all'}"])
-    lines += _table(["data set", "ours", "paper", "note"], rows)
+    lines += table(["data set", "ours", "paper", "note"], rows)
     return lines + ["", "Our synthetic counts are draws of 10-60 sequences per seed (Table 4's bounds) from our "
                     "exrex grammar (docs/train.md), not the paper's files."]
 
@@ -151,9 +145,9 @@ def _table3(records: dict, paper: dict) -> list[str]:
             h = records[stage]["headline"]
             rows.append([f"ours: {model_name(h)}", h["corpus"]["description"],
                          f"**{h['counts']['kept_after_loss_filter']:,}** of {h['counts']['sampled']:,}"])
-        rows += [[f"paper: {model}", PAPER_NAMES[column], f"{cols[column]:,} of {total[column]:,}"]
+        rows += [[f"paper: {model}", PAPER_CORPUS_NAMES[column], f"{cols[column]:,} of {total[column]:,}"]
                  for model, cols in t3.items()]
-    return lines + _table(["model", "corpus", "kept"], rows)
+    return lines + table(["model", "corpus", "kept"], rows)
 
 
 def _analysis_start(records: dict, title: str, train_stage: str, analyze_stage: str) -> tuple[list[str], dict]:
@@ -173,7 +167,7 @@ def _clustering(records: dict, claims: list) -> list[str]:
                 first, last = f1["first"], f1["last"]
                 rows.append([split, f"{label} (k={h['clustering_k'].get(f'{split}/{label}')})",
                              f"{_f(first[0])} / {_f(first[-1])}", f"{_f(last[0])} / **{_f(last[-1])}**"])
-        lines += _table(["split", "label", f"epoch {h['epochs'][0]}: embeddings / last layer",
+        lines += table(["split", "label", f"epoch {h['epochs'][0]}: embeddings / last layer",
                          f"epoch {h['epochs'][-1]}: embeddings / last layer"], rows)
         lines += ["", _fig("analyze_table5", h["files"], "clustering_f1", "clustering F1 (Fig. 1)"), "",
                   _fig("analyze_table5", h["files"], "clustering_all", "clustering F1/ARI/AMI (Fig. 9)")]
@@ -190,7 +184,7 @@ def _inner_loss(records: dict, claims: list) -> list[str]:
                   "only.", ""]
         rows = [[split, h["epochs"][i], *(_f(v) for v in h["inner_loss"][split][side])]
                 for split in h["inner_loss"] for i, side in ((0, "first"), (-1, "last"))]
-        lines += _table(["split", "epoch", "embeddings", *(f"L{l + 1}" for l in range(layers))], rows)
+        lines += table(["split", "epoch", "embeddings", *(f"L{l + 1}" for l in range(layers))], rows)
         outer = h["outer_loss"]
         first = records["train_table5"]["headline"]["first_losses"] if records["train_table5"]["status"] == "done" else {}
         lines += ["", f"Outer loss (Fig. 2b / 11b): train {_f(first.get('train'))} after epoch 1 -> "
@@ -213,7 +207,7 @@ def _attention(records: dict, claims: list) -> list[str]:
                   "are stated in the claim below.", ""]
         rows = [[label, f"{v['chance'][0]:.1f} -> {v['chance'][1]:.1f}", f"{v['top'][0]:.1f} -> **{v['top'][1]:.1f}**",
                  f"{v['last'][0]:.1f} -> **{v['last'][1]:.1f}**"] for label, v in att["labels"].items()]
-        lines += _table(["label", "chance %", f"top-{att['k']} %", f"last-{att['k']} %"], rows)
+        lines += table(["label", "chance %", f"top-{att['k']} %", f"last-{att['k']} %"], rows)
         files = records["analyze_table5"]["headline"]["files"]
         lines += ["", *(f"{_fig('analyze_table5', files, f'attention_{label}', f'attention, {label}')}\n"
                         for label in att["labels"])]
@@ -236,7 +230,7 @@ def _real_inner_loss(records: dict, claims: list) -> list[str]:
                          f"{steps} of {len(il['mean']) - 1}", f"{h['counts']['kept_after_loss_filter']}"])
             figs.append(_fig(stage, h["files"], "inner_loss", f"inner loss, {stage}"))
     lines += ["", "Paper: figures only (GPT-2 / LLaMa on Wikitext-103 and 1BW).", ""]
-    lines += _table(["corpus", "embeddings (nats)", "last layer (nats)", "lowest state", "non-rising steps",
+    lines += table(["corpus", "embeddings (nats)", "last layer (nats)", "lowest state", "non-rising steps",
                      "samples"], rows)
     return lines + [""] + figs + _claim_lines(claims, "Fig 4/7")
 
@@ -267,7 +261,7 @@ def _figure6(records: dict, claims: list) -> list[str]:
                  f"{norms[i]['with_last_layer']['sequence_percent']:.1f}",
                  f"{norms[i]['without_last_layer']['pair_percent']:.1f}",
                  f"{norms[i]['without_last_layer']['sequence_percent']:.1f}"] for i in shown]
-        lines += _table(["epoch", "pair %", "sequence %", "pair % (no last layer)", "sequence % (no last layer)"], rows)
+        lines += table(["epoch", "pair %", "sequence %", "pair % (no last layer)", "sequence % (no last layer)"], rows)
         lines += ["", _fig("analyze_table6", h["files"], "norms", "norms along training (Fig. 6)")]
     return lines + _claim_lines(claims, "Fig 6")
 
@@ -301,7 +295,7 @@ def _knn(records: dict) -> list[str]:
         rows = [[r["layer"], f"{r['knn_accuracy']:.3f}", f"{r['seed_purity']:.3f}", f"{r['next_token_purity']:.3f}",
                  f"{r['knn_lm_loss']['0.0']:.4f}" if "0.0" in r["knn_lm_loss"] else "—",
                  f"{r['knn_lm_loss'][lam]:.4f}"] for r in h["layers"]]
-        lines += _table(["layer", "kNN next-token acc", "seed purity", "next-token purity", "model loss",
+        lines += table(["layer", "kNN next-token acc", "seed purity", "next-token purity", "model loss",
                          f"kNN-LM loss λ={lam}"], rows)
         lines += ["", "![kNN](stages/knn_table5/knn.png)"]
     return lines
@@ -328,7 +322,7 @@ def _claims_table(claims: list) -> list[str]:
         evidence = [f"{'pass' if ch['passed'] else 'FAIL'}: {ch['what']}" for ch in c["checks"]] + c["notes"]
         rows.append([c["claim"].replace("|", "/"), f"**{c['verdict']}**",
                      "<br>".join(e.replace("|", "/") for e in evidence) or "—"])
-    return lines + _table(["claim (paper)", "verdict", "evidence"], rows)
+    return lines + table(["claim (paper)", "verdict", "evidence"], rows)
 
 
 # -- the whole report --------------------------------------------------------------------------------
@@ -353,7 +347,7 @@ def _status(r: dict) -> str:
 def overridden(scale: str, cfgs: dict) -> list[str]:
     """"stage.setting" for every setting that differs from the scale's value (a --settings override)."""
     column = SCALES.index(scale)
-    return [f"{stage}.{key}" for stage, table in SETTINGS.items() for key, values in table.items()
+    return [f"{stage}.{key}" for stage, settings in SETTINGS.items() for key, values in settings.items()
             if cfgs[stage][key] != values[column]]
 
 
@@ -361,8 +355,8 @@ def _settings_table(scale: str, cfgs: dict) -> list[str]:
     changed = set(overridden(scale, cfgs))
     rows = [[stage, key, f"`{json.dumps(cfgs[stage][key])}`" + (" (override)" if f"{stage}.{key}" in changed else ""),
              *(f"`{json.dumps(v)}`" for v in values)]
-            for stage, table in SETTINGS.items() for key, values in table.items()]
-    return _table(["stage", "setting", "this run", *SCALES], rows)
+            for stage, settings in SETTINGS.items() for key, values in settings.items()]
+    return table(["stage", "setting", "this run", *SCALES], rows)
 
 
 def write_report(out: Path, scale: str, cfgs: dict, records: dict, chosen: list) -> Path:
@@ -399,7 +393,7 @@ def write_report(out: Path, scale: str, cfgs: dict, records: dict, chosen: list)
         "",
         "## Stages",
         "",
-        *_table(["stage", "feeds", "status", "wall time", "key", "run at commit"],
+        *table(["stage", "feeds", "status", "wall time", "key", "run at commit"],
                 [[s.name, s.what, _status(records[s.name]),
                   f"{records[s.name]['seconds']:.1f} s" if "seconds" in records[s.name] else "—",
                   f"`{records[s.name]['key'][:12]}`", _short(records[s.name].get("commit"))] for s in STAGES]),

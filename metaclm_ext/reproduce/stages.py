@@ -8,10 +8,20 @@ stage.json files alone.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from .. import data
+from ..analyze import AnalyzeConfig, analyze_run
+from ..analyze import report as analysis_report
+from ..dualcheck import dualcheck, format_report
+from ..knn import evaluate_run
 from ..paper import paper_numbers
+from ..probe import report as probe_report
+from ..probe.linear import synthetic_run
+from ..probe.run import ProbeConfig, run_probe
+from ..train import load_run, make_config, train
 
 _T5, _T6 = (paper_numbers()[k]["epochs"] for k in ("table5_training_section5", "table6_training_section8_1"))
 
@@ -66,8 +76,6 @@ class Context(NamedTuple):
 
 
 def _data(ctx: Context, cfg: dict, out: Path) -> dict:
-    from .. import data
-
     sizes = {}
     for setting in data.SETTINGS:
         generated = data.generate(setting, cfg["seed"])
@@ -79,10 +87,6 @@ def _data(ctx: Context, cfg: dict, out: Path) -> dict:
 
 
 def _train(ctx: Context, cfg: dict, out: Path) -> dict:
-    from dataclasses import asdict
-
-    from ..train import load_run, make_config, train
-
     cfg = dict(cfg)
     preset, record = cfg.pop("preset"), cfg.pop("record_history")
     run_dir = out / "run"
@@ -97,8 +101,6 @@ def _train(ctx: Context, cfg: dict, out: Path) -> dict:
 
 
 def _dualcheck(ctx: Context, cfg: dict, out: Path) -> dict:
-    from ..dualform import dualcheck, format_report
-
     report = dualcheck(ctx.run_dir("train_table5"), max_sequences=cfg["max_sequences"], progress=ctx.progress)
     (out / "dualcheck.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "summary.txt").write_text(format_report(report) + "\n")
@@ -110,14 +112,11 @@ def _dualcheck(ctx: Context, cfg: dict, out: Path) -> dict:
 def _analyzer(train_stage: str) -> Callable:
     """The analyze stage over ``train_stage``'s run (every N-th checkpoint and the last)."""
     def run(ctx: Context, cfg: dict, out: Path) -> dict:
-        from ..analyze import AnalyzeConfig, analyze_run
-        from ..analyze.report import write_outputs
-
         run_dir = ctx.run_dir(train_stage)
         acfg = AnalyzeConfig(every=cfg["every"], parts=tuple(cfg["parts"]), k=cfg["k"], kmeans_init=cfg["kmeans_init"],
                              seed=cfg["seed"], device=cfg["device"])
         result = analyze_run(run_dir, acfg, progress=ctx.progress)
-        files = write_outputs(result, out)
+        files = analysis_report.write_outputs(result, out)
         return _analysis_headline(result, files)
     return run
 
@@ -153,8 +152,6 @@ def _analysis_headline(result: dict, files: dict) -> dict:
 
 
 def _knn(ctx: Context, cfg: dict, out: Path) -> dict:
-    from ..knn import evaluate_run
-
     report = evaluate_run(ctx.run_dir("train_table5"), k=cfg["k"], metric=cfg["metric"], kind=cfg["kind"],
                           out_dir=out, progress=ctx.progress)
     return {k: report[k] for k in ("epoch", "k", "metric", "kind", "train_tokens", "validation_tokens",
@@ -162,11 +159,8 @@ def _knn(ctx: Context, cfg: dict, out: Path) -> dict:
 
 
 def _probe(ctx: Context, cfg: dict, out: Path) -> dict:
-    from ..probe.report import write_outputs
-    from ..probe.run import ProbeConfig, run_probe
-
     result = run_probe(ProbeConfig(**cfg), progress=ctx.progress)
-    files = write_outputs(result, out)
+    files = probe_report.write_outputs(result, out)
     linear = {k: v for k, v in result["linear"].items() if k != "per_sample"}
     return {"model": result["model"], "corpus": result["corpus"], "counts": result["counts"],
             "inner_loss": result["inner_loss"], "norms": {k: v for k, v in result["norms"].items() if k != "mean"},
@@ -175,8 +169,6 @@ def _probe(ctx: Context, cfg: dict, out: Path) -> dict:
 
 
 def _appendix_b(ctx: Context, cfg: dict, out: Path) -> dict:
-    from ..probe.linear import synthetic_run
-
     summary = synthetic_run(ctx.run_dir("train_table5"), cfg["epoch"], cfg["max_samples"])
     (out / "appendix_b.json").write_text(json.dumps(summary, indent=1) + "\n")
     return {k: v for k, v in summary.items() if k != "per_sample"}

@@ -1,10 +1,14 @@
-"""`metaclm reproduce [--quick | --paper] --out DIR [--only STAGE,...]`."""
+"""`metaclm reproduce [--quick | --paper] --out DIR [--only STAGE,...]`, and the main() of the scripts in
+scripts/ that run a few of its stages."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+
+from ..reproduce.run import reproduce
+from ..reproduce.stages import STAGES
 
 
 def _stage_list(text: str) -> list[str]:
@@ -27,26 +31,22 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .stages import STAGES
-
     p = sub.add_parser("reproduce", help="run everything (data, training, analyses, kNN, probing) and write REPORT.md "
                                          "with every table and figure beside the paper's")
     add_scale_arguments(p)
     p.add_argument("--only", type=_stage_list, default=None, metavar="STAGE,...",
                    help="run only these stages and the stages they need: " + ", ".join(s.name for s in STAGES))
-    p.set_defaults(func=_main)
+    p.set_defaults(func=main)
 
 
 def run_from_args(args: argparse.Namespace, only=None) -> int:
     """Run reproduce() for parsed arguments: 0 when every selected stage is done, 1 otherwise."""
-    from .run import reproduce
-
     out = args.out or Path(f"reproduce-{args.scale}")
     result = reproduce(out, args.scale, only=only, settings=args.settings, progress=not args.no_progress)
     return 1 if result["failed"] else 0
 
 
-def _main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     return run_from_args(args, args.only)
 
 

@@ -12,7 +12,6 @@ reconstruction is only the "as if SGD" approximation, which is reported, not fai
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from .history_names import field_name, parse_module_key
 from .ops import dual_form_apply
 from .record import cproj_modules, epoch_limits
+from .store import HistoryStore
 from .train import Run, load_checkpoint, load_run, make_batch
 
 EXACT_TOLERANCE = 1e-4
@@ -73,8 +73,6 @@ def dualcheck(run_dir, epoch: Optional[int] = None, history: Optional[Path] = No
     Also reports the error of W0 x + b0 alone (how far training moved the outputs), so a small dual-form
     error means the history explains the change, not that nothing changed.
     """
-    from .store import HistoryStore
-
     run = load_run(run_dir)
     path = Path(history) if history is not None else run.history
     if path is None:
@@ -132,19 +130,3 @@ def format_report(report: dict) -> str:
         lines.append(f"max relative error {worst:.3e}: the dual form is NOT exact for {report['optimizer']} "
                      "(momentum / adaptive steps / weight decay are not a sum of x_t (x) e_t); reported only")
     return "\n".join(lines)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dualcheck", help="rebuild c_proj outputs from the training history (dual form) and compare")
-    p.add_argument("run", type=Path, help="RUN_DIR of `metaclm train --record-history --record-errors`")
-    p.add_argument("--epoch", type=int, default=None, help="checkpoint to check (default: the last)")
-    p.add_argument("--history", type=Path, default=None, help="store folder (default: the run's)")
-    p.add_argument("--max-sequences", type=int, default=None, help="use the first N validation sequences")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    report = dualcheck(args.run, args.epoch, args.history, args.max_sequences, progress=not args.no_progress)
-    print(format_report(report))
-    return 1 if report["passed"] is False else 0

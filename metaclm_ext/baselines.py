@@ -1,4 +1,5 @@
-"""Baselines the kernels are measured against, and this machine's limits, measured in the same run.
+"""Baselines the kernels are measured against, and this machine's limits, measured in the same run; shared
+by the benchmarks in benchmarks/ and the tables of scripts/bench_table.py and scripts/bench_cuda.py.
 
 * torch: chunked matmul (scores of a chunk for all query heads), then topk for the top and for the last,
   merged across chunks: what one writes without a custom kernel.
@@ -47,7 +48,7 @@ def _merge(a, b, k, largest):
 
 def faiss_indexes(history: torch.Tensor, heads: int):
     """One IndexFlatIP per head over fp32 rows (FAISS has no fp16 flat index)."""
-    import faiss
+    import faiss  # here, not at the top: the torch baselines (bench_cuda.py's, on GPU hosts) run without FAISS
 
     dh = history.shape[1] // heads
     indexes = []

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .run import PARTS
+from ..analyze.report import write_outputs
+from ..analyze.run import PARTS, AnalyzeConfig, analyze_run
 
 
 def _int_list(text: str) -> list[int]:
@@ -29,13 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="KMeans random state (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (forward passes; the kernels follow the queries)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=main)
 
 
-def _main(args: argparse.Namespace) -> int:
-    from .report import write_outputs
-    from .run import AnalyzeConfig, analyze_run
-
+def main(args: argparse.Namespace) -> int:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     cfg = AnalyzeConfig(epochs=args.epochs, every=args.every, parts=parts, k=args.k, kmeans_init=args.kmeans_init,
                         seed=args.seed, device=args.device)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .store import HistoryStore
+from ..store import HistoryStore
 
 
 def describe(store: HistoryStore) -> list[str]:
@@ -24,10 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("store-info", help="describe a history store (rows, fields, columns, size); --verify checks checksums")
     p.add_argument("path", help="the store directory (the one holding manifest.json)")
     p.add_argument("--verify", action="store_true", help="read every shard and check its CRC-32 (progress bar)")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=main)
 
 
-def _main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     store = HistoryStore(args.path)
     print("\n".join(describe(store)))
     if args.verify:

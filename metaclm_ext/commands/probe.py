@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..probe.report import write_outputs
+from ..probe.run import ProbeConfig, run_probe
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="inner loss, norms, PCA trajectories and Appendix B on a pretrained causal LM")
@@ -19,13 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--linear-samples", type=int, default=50, help="samples for Appendix B (GPT-2 design only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=main)
 
 
-def _main(args: argparse.Namespace) -> int:
-    from .report import write_outputs
-    from .run import ProbeConfig, run_probe
-
+def main(args: argparse.Namespace) -> int:
     cfg = ProbeConfig(args.model, args.corpus, args.max_samples, args.batch_size, args.max_tokens,
                       args.pca_samples, args.linear_samples, args.seed, args.device)
     result = run_probe(cfg)

@@ -1,0 +1,39 @@
+"""`metaclm train`: the paper's GPT-2 design model on the synthetic language; every TrainConfig field is a flag."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..dtypes import HISTORY_DTYPE_NAMES
+from ..train import PRESETS, TrainConfig, make_config, train
+
+_FLAG_TYPES = {"int": int, "Optional[int]": int, "float": float, "Optional[float]": float, "str": str}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the paper's GPT-2 design model (presets table5, table6, tiny)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="table5")
+    p.add_argument("--out", type=Path, required=True, help="RUN_DIR to create")
+    p.add_argument("--data", type=Path, default=None, help="dataset folder from `metaclm data` (default: generate)")
+    p.add_argument("--record-history", nargs="?", const="", default=None, metavar="DIR",
+                   help="record the training history into a store at DIR (default RUN_DIR/history)")
+    p.add_argument("--record-errors", action="store_true", help="also record the c_proj error signals e_t")
+    p.add_argument("--history-dtype", choices=sorted(HISTORY_DTYPE_NAMES), default=None, help="store dtype (default float16)")
+    p.add_argument("--no-progress", action="store_true")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("record_history", "record_errors", "history_dtype"):
+            continue
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=_FLAG_TYPES[f.type], default=None,
+                       help=f"override {f.name} ({f.type})")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    if args.record_history is not None:
+        overrides["record_history"] = str(args.record_history or args.out / "history")
+    overrides["record_errors"] = args.record_errors or None
+    cfg = make_config(args.preset, **overrides)
+    train(cfg, args.out, data_dir=args.data, progress=not args.no_progress)
+    return 0
