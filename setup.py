@@ -1,7 +1,7 @@
 """Build metaclm_ext._C: CPU kernels always, CUDA kernels when torch has CUDA and a toolkit is found.
 
-Install with `pip install --no-build-isolation .` after installing torch (see README): an isolated
-build environment would pull a multi-GB CUDA torch just to compile against it.
+Install torch first, then `pip install .`: build_backend/torch_aware.py builds against that torch (see
+README); `pip install --no-build-isolation .` does the same without an isolated build environment.
 """
 import glob
 import os
@@ -13,8 +13,9 @@ try:
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # pragma: no cover - only hit by a misconfigured build
     raise SystemExit(
-        "metaclm_ext needs torch at build time. Install it first (pip install -r requirements.txt) "
-        "and build with: pip install --no-build-isolation ."
+        "metaclm_ext builds against the torch of the environment it is installed into, and this one has "
+        "none. Install torch first (pip install -r requirements.txt for the CPU build, or your CUDA build "
+        "of torch), then run pip install . again."
     ) from exc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
