@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from metaclm_ext.markdown import table
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 PAGE = REPO / "docs" / "benchmarks.md"
@@ -22,11 +24,6 @@ BASELINES = ("torch", "torch-linear", "faiss")
 
 def _seconds(value) -> str:
     return "—" if value is None else f"{value:.3f}"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _machine_line(run: dict) -> str:
@@ -68,7 +65,7 @@ def render() -> str:
             continue
         run = json.loads(path.read_text())
         lines += [f"## {title} (`benchmarks/results/{name}.json`)", "", _machine_line(run), ""]
-        lines += _table(headers, _result_rows(run)) + [""]
+        lines += table(headers, _result_rows(run)) + [""]
     return "\n".join(lines)
 
 
