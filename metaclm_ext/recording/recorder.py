@@ -31,9 +31,10 @@ Usage in a hand-written loop::
         optimizer.step(); scheduler.step(); optimizer.zero_grad()
     recorder.close()
 
-Without ``capture()`` the recorder takes ``labels`` (shifted HF-style), ``input_ids`` and ``attention_mask``
-from the model's forward arguments, which is how :class:`~metaclm_ext.recording.trainer.HistoryCallback`
-records under ``transformers.Trainer``. Forwards with grad disabled (evaluation) are ignored.
+Without ``capture()`` the recorder takes the targets from the model's forward arguments (by default its
+``labels``, shifted HF-style; ``targets_from`` says otherwise), and ``input_ids`` and ``attention_mask``
+too, which is how :class:`~metaclm_ext.recording.trainer.HistoryCallback` records under
+``transformers.Trainer``. Forwards with grad disabled (evaluation) are ignored.
 
 Memory is bounded by one step: rows are masked to the trained positions and copied off the device as the
 hooks fire (pinned, non-blocking copies on CUDA), kept until :meth:`HistoryRecorder.step`, appended in one
@@ -47,7 +48,7 @@ import math
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Union
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -55,7 +56,7 @@ from .. import HistoryStore, HistoryWriter
 from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights, write_status
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
-from .rows import BASE_COLUMNS, MicroBatchRows, micro_batch_rows, targets_from_labels
+from .rows import BASE_COLUMNS, MicroBatchRows, labels_as_targets, micro_batch_rows
 
 FORMAT_VERSION = 1
 DEFAULT_SHARD_ROWS = 4096  # a step's commit rewrites the open shard: keep it small enough to rewrite often
@@ -93,17 +94,19 @@ class HistoryRecorder:
     :func:`~metaclm_ext.recording.modules.select_modules`). ``dtype``: the store's float type for the rows
     ("float16", "bfloat16" or "float32"; the exactness check needs "float32"). ``columns``: extra int
     metadata columns {name: "int64"|"int32"}, given per micro-batch to :meth:`capture`. ``attrs``: extra
-    JSON run information for the store. ``resume=True`` continues an existing recording (same fields and
+    JSON run information for the store. ``targets_from(args, kwargs)`` gives a training forward's targets
+    when :meth:`capture` does not (default: the shifted HF ``labels``). ``resume=True`` continues an existing recording (same fields and
     modules) after its last committed step; otherwise ``path`` must not hold a store yet.
     """
 
     def __init__(self, model: torch.nn.Module, path: Union[str, Path], modules: Selector, *, errors: bool = True,
                  dtype: str = "float16", columns: Optional[Mapping[str, str]] = None,
-                 attrs: Optional[Mapping] = None, shard_rows: int = DEFAULT_SHARD_ROWS, resume: bool = False):
+                 attrs: Optional[Mapping] = None, shard_rows: int = DEFAULT_SHARD_ROWS, resume: bool = False,
+                 targets_from: Callable[[tuple, dict], Optional[torch.Tensor]] = labels_as_targets):
         if dtype not in FIELD_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(FIELD_DTYPES)}, got {dtype!r}")
         self.specs: list[ModuleSpec] = select_modules(model, modules)
-        self.errors, self.path = bool(errors), Path(path)
+        self.errors, self.path, self._targets_from = bool(errors), Path(path), targets_from
         self._dtype = FIELD_DTYPES[dtype]
         self.user_columns = dict(columns or {})
         clash = set(self.user_columns) & set(BASE_COLUMNS)
@@ -213,11 +216,10 @@ class HistoryRecorder:
         given = self._explicit or {"metadata": {}}
         targets = given.get("targets")
         if targets is None:
-            labels = kwargs.get("labels")
-            if labels is None:
+            targets = self._targets_from(args, kwargs)
+            if targets is None:
                 raise ValueError("HistoryRecorder: a training forward without targets: pass targets= to "
-                                 "recorder.capture() or labels= to the model")
-            targets = targets_from_labels(labels)
+                                 "recorder.capture() or labels= to the model (or set targets_from)")
         tokens = given.get("tokens")
         if tokens is None:
             tokens = kwargs.get("input_ids")

@@ -26,6 +26,12 @@ def targets_from_labels(labels: torch.Tensor) -> torch.Tensor:
     return targets
 
 
+def labels_as_targets(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The targets of a HF causal LM's forward: from its ``labels`` argument (None if it has none)."""
+    labels = kwargs.get("labels")
+    return None if labels is None else targets_from_labels(labels)
+
+
 @dataclass
 class MicroBatchRows:
     """The rows of one micro-batch: flat indices into its B*T positions (CPU int64) and their columns."""
