@@ -62,7 +62,7 @@ FORMAT_VERSION = 1
 DEFAULT_SHARD_ROWS = 4096  # a step's commit rewrites the open shard: keep it small enough to rewrite often
 ERROR_DEFINITION = ("e_t = -(lr * c) * dL/dy_t at the module's output y: lr of the weight's param group at the step, "
                     "c the in-place scaling of the weight's gradient after the last backward (clipping, unscaling)")
-INEXACT_ERROR_DEFINITION = "e_t = -lr * dL/dy_t (not exact: see recording.json's reasons)"
+RAW_ERROR_DEFINITION = "e_t = -lr * dL/dy_t at the module's output y (the optimizer is not plain SGD)"
 FIELD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Relative difference of the weight's and the bias's gradient scaling above which they count as different.
 SCALE_MISMATCH = 1e-6
@@ -134,7 +134,8 @@ class HistoryRecorder:
         else:
             self.writer = HistoryWriter.create(self.path, fields, columns_spec, shard_rows=shard_rows,
                                                attrs={**attrs, "recording": recording})
-            self.status = {"exact": True, "reasons": [], "optimizer": None, "closed": False}
+            self.status = {"exact": True, "reasons": [], "optimizer": None,
+                           "errors": ERROR_DEFINITION if self.errors else None, "closed": False}
             write_status(self.path, self.status)
         if not (self.path / WEIGHTS_START).exists():
             save_weights(self.path / WEIGHTS_START, self.specs)
@@ -286,8 +287,9 @@ class HistoryRecorder:
         return host
 
     # -- the optimizer step --------------------------------------------------------------------------
-    def step(self, optimizer: torch.optim.Optimizer, step: Optional[int] = None) -> int:
-        """Append and commit the rows of every micro-batch since the last step; returns the step number.
+    def step(self, optimizer: torch.optim.Optimizer, step: Optional[int] = None) -> Optional[int]:
+        """Append and commit the rows of every micro-batch since the last step; returns the step number,
+        or None when a gradient is not finite (a grad scaler then skips the optimizer step: so does this).
 
         Call it after gradient clipping / unscaling and right before ``optimizer.step()``: it reads the
         learning rates and measures the gradient scaling now. ``step`` numbers the rows (default: one more
@@ -309,7 +311,7 @@ class HistoryRecorder:
         scales = self._error_scales(opt, batches) if self.errors else {}
         self._noted = {}
         if scales is None:
-            return self._last_step  # non-finite gradients: the optimizer step will be skipped (grad scaler)
+            return None
         rows = {c: [] for c in (*BASE_COLUMNS, *self.user_columns)}
         for index, batch in enumerate(batches):
             n = len(batch.rows.kept)
@@ -352,7 +354,7 @@ class HistoryRecorder:
                 measured += [now, self._noted[id(param)]]
             measured += [b.dropped_max[spec.name] for b in batches if spec.name in b.dropped_max]
         values = iter(_host_floats(measured))
-        scales, reasons = {}, []
+        scales, reasons, raw = {}, [], False
         for spec in self.specs:
             coefficients, lrs = [], []
             for param in self._params(spec):
@@ -367,23 +369,28 @@ class HistoryRecorder:
             reason = not_plain_sgd(opt, groups[id(spec.module.weight)])
             if reason is not None:
                 reasons.append(f"{reason}: its update is not a sum of the errors, recorded as -lr * dL/dy")
-                scales[spec.name] = -lrs[0]
+                scales[spec.name], raw = -lrs[0], True
                 continue
             scales[spec.name] = -lrs[0] * coefficients[0]
+            # Reasons name no per-step numbers, so that each is recorded once, however many steps show it.
             if len(lrs) == 2 and (lrs[1] != lrs[0] or abs(coefficients[1] - coefficients[0]) > SCALE_MISMATCH * coefficients[0]):
-                reasons.append(f"{spec.name}'s bias gets another step size than its weight (lr {lrs[1]} vs {lrs[0]}, "
-                               f"gradient scaling {coefficients[1]} vs {coefficients[0]})")
+                reasons.append(f"{spec.name}'s bias gets another step size than its weight (another param group's "
+                               "lr, or another gradient scaling)")
             if dropped and max(dropped) > 0:
-                reasons.append(f"positions without a target carry a nonzero error at {spec.name} (max |dL/dy| "
-                               f"{max(dropped):.3g}, e.g. prompt masking): the weight change includes unrecorded rows")
-        self._add_reasons(reasons, type(opt).__name__)
+                reasons.append(f"positions without a target carry a nonzero error at {spec.name} (e.g. prompt "
+                               "masking): the weight change includes rows that are not recorded")
+        self._update_status(reasons, type(opt).__name__, RAW_ERROR_DEFINITION if raw else ERROR_DEFINITION)
         return scales
 
-    def _add_reasons(self, reasons: list[str], optimizer: str) -> None:
+    def _update_status(self, reasons: list[str], optimizer: str, errors: str) -> None:
+        """Record new reasons for inexactness (before the step's rows are committed: a crash in between
+        leaves the store marked not exact rather than the other way round)."""
         new = [r for r in dict.fromkeys(reasons) if r not in self.status["reasons"]]
-        if new or self.status["optimizer"] != optimizer:
-            self.status = {**self.status, "optimizer": optimizer, "exact": self.status["exact"] and not new,
-                           "reasons": self.status["reasons"] + new}
+        if self.status["errors"] == RAW_ERROR_DEFINITION:
+            errors = RAW_ERROR_DEFINITION  # once raw, the history mixes both definitions: say the weaker
+        if new or self.status["optimizer"] != optimizer or self.status["errors"] != errors:
+            self.status = {**self.status, "optimizer": optimizer, "errors": errors,
+                           "exact": self.status["exact"] and not new, "reasons": self.status["reasons"] + new}
             write_status(self.path, self.status)
 
     @staticmethod
