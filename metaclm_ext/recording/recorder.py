@@ -59,7 +59,10 @@ from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_
 from .rows import BASE_COLUMNS, MicroBatchRows, labels_as_targets, micro_batch_rows
 
 FORMAT_VERSION = 1
-DEFAULT_SHARD_ROWS = 4096  # a step's commit rewrites the open shard: keep it small enough to rewrite often
+# Each step's commit rewrites the store's open shard, so shards are sized by bytes (whatever the row
+# width): at most this much is rewritten per step besides the step's own rows.
+SHARD_BYTES = 64 << 20
+MAX_SHARD_ROWS = 65536
 ERROR_DEFINITION = ("e_t = -(lr * c) * dL/dy_t at the module's output y: lr of the weight's param group at the step, "
                     "c the in-place scaling of the weight's gradient after the last backward (clipping, unscaling)")
 RAW_ERROR_DEFINITION = "e_t = -lr * dL/dy_t at the module's output y (the optimizer is not plain SGD)"
@@ -93,7 +96,8 @@ class HistoryRecorder:
     ``modules``: a preset name ("gpt2", "llama", "gemma3") or module-name patterns (see
     :func:`~metaclm_ext.recording.modules.select_modules`). ``dtype``: the store's float type for the rows
     ("float16", "bfloat16" or "float32"; the exactness check needs "float32"). ``columns``: extra int
-    metadata columns {name: "int64"|"int32"}, given per micro-batch to :meth:`capture`. ``attrs``: extra
+    metadata columns {name: "int64"|"int32"}, given per micro-batch to :meth:`capture`. ``shard_rows``:
+    rows per store shard (default: about 64 MiB of rows). ``attrs``: extra
     JSON run information for the store. ``targets_from(args, kwargs)`` gives a training forward's targets
     when :meth:`capture` does not (default: the shifted HF ``labels``). ``resume=True`` continues an existing recording (same fields and
     modules) after its last committed step; otherwise ``path`` must not hold a store yet.
@@ -101,7 +105,7 @@ class HistoryRecorder:
 
     def __init__(self, model: torch.nn.Module, path: Union[str, Path], modules: Selector, *, errors: bool = True,
                  dtype: str = "float16", columns: Optional[Mapping[str, str]] = None,
-                 attrs: Optional[Mapping] = None, shard_rows: int = DEFAULT_SHARD_ROWS, resume: bool = False,
+                 attrs: Optional[Mapping] = None, shard_rows: Optional[int] = None, resume: bool = False,
                  targets_from: Callable[[tuple, dict], Optional[torch.Tensor]] = labels_as_targets):
         if dtype not in FIELD_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(FIELD_DTYPES)}, got {dtype!r}")
@@ -132,6 +136,9 @@ class HistoryRecorder:
         if resume and (self.path / "manifest.json").exists():
             self.writer = self._resume(fields, columns_spec, recording)
         else:
+            if shard_rows is None:
+                row_bytes = sum(w for w, _ in fields.values()) * self._dtype.itemsize + 8 * len(columns_spec)
+                shard_rows = max(1, min(MAX_SHARD_ROWS, SHARD_BYTES // row_bytes))
             self.writer = HistoryWriter.create(self.path, fields, columns_spec, shard_rows=shard_rows,
                                                attrs={**attrs, "recording": recording})
             self.status = {"exact": True, "reasons": [], "optimizer": None,
