@@ -307,7 +307,7 @@ def test_resume_continues_without_gaps(tmp_path):
     model = Tagger()
     kwargs = dict(modules=TAGGER_MODULES, dtype="float32", targets_from=lambda args, kw: kw["targets"])
     norms = train_loop(model, HistoryRecorder(model, tmp_path / "h", **kwargs), tagger_micro_batch, steps=2)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="pass resume=True"):
         HistoryRecorder(model, tmp_path / "h", **kwargs)
     resumed = HistoryRecorder(model, tmp_path / "h", resume=True, **kwargs)
     assert resumed.next_step == 2
@@ -441,6 +441,15 @@ def test_metadata_of_the_wrong_length(tmp_path):
         with recorder.capture(batch["targets"], metadata={"doc": torch.zeros(BATCH)}):
             model(**batch)
     recorder.close()
+
+
+def test_shards_are_sized_by_bytes(tmp_path):
+    wide = nn.Sequential(nn.Linear(1024, 1024))
+    row_bytes = 2 * 1024 * 2 + 8 * 6  # input and error fields in float16, six int64 columns
+    for model, modules, rows in ((wide, ["0"], (64 << 20) // row_bytes), (Tagger(), ["net.0"], 65536)):
+        with HistoryRecorder(model, tmp_path / modules[0], modules=modules):
+            pass
+        assert HistoryStore(tmp_path / modules[0]).shard_rows == rows
 
 
 def test_other_bad_input(tmp_path):

@@ -63,6 +63,7 @@ FORMAT_VERSION = 1
 # width): at most this much is rewritten per step besides the step's own rows.
 SHARD_BYTES = 64 << 20
 MAX_SHARD_ROWS = 65536
+MANIFEST = "manifest.json"  # the file that makes a folder a history store (docs/history-store.md)
 ERROR_DEFINITION = ("e_t = -(lr * c) * dL/dy_t at the module's output y: lr of the weight's param group at the step, "
                     "c the in-place scaling of the weight's gradient after the last backward (clipping, unscaling)")
 RAW_ERROR_DEFINITION = "e_t = -lr * dL/dy_t at the module's output y (the optimizer is not plain SGD)"
@@ -97,9 +98,9 @@ class HistoryRecorder:
     :func:`~metaclm_ext.recording.modules.select_modules`). ``dtype``: the store's float type for the rows
     ("float16", "bfloat16" or "float32"; the exactness check needs "float32"). ``columns``: extra int
     metadata columns {name: "int64"|"int32"}, given per micro-batch to :meth:`capture`. ``shard_rows``:
-    rows per store shard (default: about 64 MiB of rows). ``attrs``: extra
-    JSON run information for the store. ``targets_from(args, kwargs)`` gives a training forward's targets
-    when :meth:`capture` does not (default: the shifted HF ``labels``). ``resume=True`` continues an existing recording (same fields and
+    rows per store shard (default: about 64 MiB of rows). ``attrs``: extra JSON run information for the
+    store. ``targets_from(args, kwargs)`` gives a training forward's targets when :meth:`capture` does not
+    (default: the shifted HF ``labels``). ``resume=True`` continues an existing recording (same fields and
     modules) after its last committed step; otherwise ``path`` must not hold a store yet.
     """
 
@@ -133,7 +134,11 @@ class HistoryRecorder:
         if "recording" in attrs:
             raise ValueError("attrs key 'recording' is the recorder's own: choose another name")
         self._last_step, self._next_sequence = -1, 0
-        if resume and (self.path / "manifest.json").exists():
+        exists = (self.path / MANIFEST).exists()
+        if exists and not resume:
+            raise FileExistsError(f"{self.path} holds a history store already: pass resume=True to continue it, "
+                                  "or record into another folder")
+        if exists:
             self.writer = self._resume(fields, columns_spec, recording)
         else:
             if shard_rows is None:
@@ -172,9 +177,10 @@ class HistoryRecorder:
         if n:
             self._last_step = int(store.read("step", n - 1, n)[0])
             self._next_sequence = int(store.read("sequence", n - 1, n)[0]) + 1
+        writer = HistoryWriter.resume(self.path)
         self.status = {**read_status(self.path), "closed": False}
         write_status(self.path, self.status)
-        return HistoryWriter.resume(self.path)
+        return writer
 
     # -- state ---------------------------------------------------------------------------------------
     @property
