@@ -21,6 +21,8 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from ..history_names import field_name
+
 # Per preset: (role, regex over the qualified module name with the layer number as group 1). A prefix
 # before the layer list is allowed so that wrapped models (e.g. a multimodal Gemma 3's language model)
 # match too.
@@ -118,7 +120,7 @@ def _preset_specs(model: torch.nn.Module, preset: str) -> list[ModuleSpec]:
                 raise ValueError(f"preset {preset!r} matches both {seen[role, layer]} and {name} as layer {layer}'s "
                                  f"{role} projection; select the modules by pattern instead")
             seen[role, layer] = name
-            spec = _spec(name, module, f"{role}_in.{layer}", f"{role}_err.{layer}", role=role, layer=layer)
+            spec = _spec(name, module, field_name(role, layer), field_name(role, layer, "err"), role=role, layer=layer)
             if role == "attn" and heads:
                 dim = head_dim or spec.in_features // heads
                 if heads * dim == spec.in_features:

@@ -52,7 +52,8 @@ from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
 
-from .. import HistoryStore, HistoryWriter
+from ..dtypes import HISTORY_DTYPE_NAMES
+from ..store import HistoryStore, HistoryWriter
 from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights, write_status
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
@@ -67,7 +68,6 @@ MANIFEST = "manifest.json"  # the file that makes a folder a history store (docs
 ERROR_DEFINITION = ("e_t = -(lr * c) * dL/dy_t at the module's output y: lr of the weight's param group at the step, "
                     "c the in-place scaling of the weight's gradient after the last backward (clipping, unscaling)")
 RAW_ERROR_DEFINITION = "e_t = -lr * dL/dy_t at the module's output y (the optimizer is not plain SGD)"
-FIELD_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Relative difference of the weight's and the bias's gradient scaling above which they count as different.
 SCALE_MISMATCH = 1e-6
 
@@ -108,11 +108,11 @@ class HistoryRecorder:
                  dtype: str = "float16", columns: Optional[Mapping[str, str]] = None,
                  attrs: Optional[Mapping] = None, shard_rows: Optional[int] = None, resume: bool = False,
                  targets_from: Callable[[tuple, dict], Optional[torch.Tensor]] = labels_as_targets):
-        if dtype not in FIELD_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(FIELD_DTYPES)}, got {dtype!r}")
+        if dtype not in HISTORY_DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(HISTORY_DTYPE_NAMES)}, got {dtype!r}")
         self.specs: list[ModuleSpec] = select_modules(model, modules)
         self.errors, self.path, self._targets_from = bool(errors), Path(path), targets_from
-        self._dtype = FIELD_DTYPES[dtype]
+        self._dtype = HISTORY_DTYPE_NAMES[dtype]
         self.user_columns = dict(columns or {})
         clash = set(self.user_columns) & set(BASE_COLUMNS)
         if clash:
