@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 
 from .history_names import field_name, parse_module_key
 from .ops import dual_form_apply
-from .record import cproj_modules, epoch_limits
 from .store import HistoryStore
-from .train import Run, load_checkpoint, load_run, make_batch
+from .training import Run, cproj_modules, epoch_limits, load_checkpoint, load_run, make_batch
 
 EXACT_TOLERANCE = 1e-4
 

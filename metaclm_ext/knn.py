@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .markdown import table
 from .stream import source_chunks
-from .train import IGNORE, load_checkpoint, load_run, make_batch
+from .training import IGNORE, load_checkpoint, load_run, make_batch
 
 METRICS = ("ip", "l2")
 KINDS = ("flat", "ivfpq")

@@ -10,10 +10,11 @@ from metaclm_ext.analyze import attention, claims, clustering
 from metaclm_ext.analyze.forward import forward_split, lens_model, query_positions
 from metaclm_ext.analyze.run import AnalyzeConfig, analyze_run
 from metaclm_ext.cli import main
-from metaclm_ext.record import COLUMNS, epoch_limits
+from metaclm_ext.training import epoch_limits
+from metaclm_ext.training.history import LABEL_COLUMNS, STORE_COLUMNS as COLUMNS
 from metaclm_ext.reference import history_topk_reference
 from metaclm_ext.store import HistoryStore, HistoryWriter
-from metaclm_ext.train import evaluate, load_checkpoint, load_run
+from metaclm_ext.training import evaluate, load_checkpoint, load_run
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_forward_states_match_the_model(tiny_run):
     model = load_checkpoint(tiny_run)
     rows = run.data["validation"][:5]
     stats = forward_split(lens_model(model), rows, batch_size=2)
-    from metaclm_ext.train import make_batch
+    from metaclm_ext.training import make_batch
 
     b = make_batch(rows)
     with torch.no_grad():
@@ -87,7 +88,7 @@ def _hand_store(path, heads=2):
             epochs.append(epoch)
     n = len(rows)
     cols = {c: np.zeros(n, dtype=np.int64) for c in COLUMNS}
-    cols.update(seed=np.array(seeds), epoch=np.array(epochs), next_token=np.array(seeds) + 2,
+    cols.update(seed=np.array(seeds), epoch=np.array(epochs), target=np.array(seeds) + 2,
                 seed_next_token=np.array(seeds) * 28 + np.array(seeds) + 2)
     with HistoryWriter.create(path, {"attn_in.0": (width, "float32")}, {c: "int64" for c in COLUMNS}) as w:
         w.append({"attn_in.0": torch.stack(rows), **cols})
@@ -130,7 +131,7 @@ def test_analysis_attention_matches_the_reference(tiny_run, analysis):
     assert att["epochs"] == [1, 2, 3] and att["history_rows"] == len(store)
     epoch_col = store.read("epoch")
     assert att["limits"] == [int((epoch_col <= e).sum()) for e in (1, 2, 3)]
-    hist_labels = {name: store.read(name) for name in attention.LABELS}
+    hist_labels = {name: store.read(LABEL_COLUMNS[name]) for name in attention.LABELS}
     n_queries = len(run.data["validation"])
     for i, epoch in enumerate(att["epochs"]):
         stats = forward_split(lens_model(load_checkpoint(tiny_run, epoch)), run.data["validation"])

@@ -131,7 +131,7 @@ def test_knn_cli_on_a_tiny_run(tmp_path):
     """`metaclm knn RUN` end to end: per-layer indexes saved and reloadable, a report whose numbers are
     consistent with the model (λ = 0 is the model's own loss) and with a direct kNN recomputation."""
     from metaclm_ext.cli import main
-    from metaclm_ext.train import load_checkpoint, load_run
+    from metaclm_ext.training import load_checkpoint, load_run
 
     run = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress"]) == 0

@@ -579,3 +579,23 @@ def test_store_info_cli(tmp_path, gen, capsys):
     assert cli_main(["store-info", str(tmp_path / "s"), "--verify"]) == 2
     err = capsys.readouterr().err
     assert "1 bad shard file(s)" in err and str(victim) in err
+
+
+@pytest.mark.parametrize("keep", [0, 1, 6, 7, 8, 13, 20])
+def test_truncate_keeps_exactly_the_first_rows_and_appends_after_them(tmp_path, keep):
+    x = torch.arange(20 * 3, dtype=torch.float32).reshape(20, 3)
+    with HistoryWriter.create(tmp_path / "s", {"x": (3, "float32")}, {"i": "int64"}, shard_rows=7) as w:
+        w.append({"x": x[:10], "i": torch.arange(10)})
+        w.flush()
+        w.append({"x": x[10:], "i": torch.arange(10, 20)})  # 2 full shards committed, 6 rows buffered
+        w.truncate(keep)
+        assert len(w) == keep
+        w.append({"x": -x[:2], "i": torch.tensor([-1, -2])})
+    store = HistoryStore(tmp_path / "s")
+    assert np.array_equal(store.read("x"), torch.cat([x[:keep], -x[:2]]).numpy())
+    assert np.array_equal(store.read("i"), np.concatenate([np.arange(keep), [-1, -2]]))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    on_disk = {f"data/x/{p.name}" for p in (tmp_path / "s" / "data" / "x").iterdir()}
+    assert on_disk == {shard["files"]["x"]["path"] for shard in manifest["shards"]}  # dropped shards are deleted
+    with HistoryWriter.resume(tmp_path / "s") as w, pytest.raises(ValueError, match="rows must be in"):
+        w.truncate(len(store) + 1)

@@ -10,10 +10,11 @@ from metaclm_ext import data
 from metaclm_ext.cli import main
 from metaclm_ext.dualcheck import dualcheck
 from metaclm_ext.paper import paper_numbers
-from metaclm_ext.record import COLUMNS, field_names
+from metaclm_ext.history_names import field_name
+from metaclm_ext.training.history import STORE_COLUMNS as COLUMNS
 from metaclm_ext.store import HistoryStore
-from metaclm_ext.train import (PRESETS, build_model, count_parameters, load_checkpoint, load_run, make_config,
-                               train)
+from metaclm_ext.training import PRESETS, build_model, count_parameters, load_checkpoint, load_run, make_config
+from metaclm_ext.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def sgd_run(tmp_path_factory):
 
 def test_run_folder_layout_and_loading(sgd_run):
     run = load_run(sgd_run)
-    assert run.config == make_config("tiny", record_history=str(sgd_run / "history"), record_errors=True,
+    assert run.config == make_config("tiny", record_history="history", record_errors=True,
                                      history_dtype="float32")
     assert run.epochs == [0, 1, 2, 3]
     assert run.losses["epoch"] == [1, 2, 3]
@@ -48,7 +49,8 @@ def test_history_rows_are_trained_tokens_times_steps(sgd_run):
     store = HistoryStore(sgd_run / "history")
     trained_per_epoch = sum(len(r["text"]) + 1 for r in run.data["train"])  # every position with a next token
     assert len(store) == run.config.epochs * trained_per_epoch
-    assert set(store.fields) == set(field_names(run.config.n_layer, errors=True))
+    assert set(store.fields) == {field_name(m, l, s) for l in range(run.config.n_layer) for m in ("attn", "mlp")
+                                 for s in ("in", "err")}
     assert store.fields["attn_in.0"] == (64, "float32") and store.fields["mlp_in.5"] == (128, "float32")
     assert store.fields["attn_err.3"] == (64, "float32") and store.fields["mlp_err.3"] == (64, "float32")
     assert set(store.columns) == set(COLUMNS)
@@ -57,13 +59,13 @@ def test_history_rows_are_trained_tokens_times_steps(sgd_run):
     assert np.array_equal(cols["epoch"], cols["step"] // run.info["steps_per_epoch"] + 1)
     texts = {r["id"]: (r["seed"], data.encode(r["text"])) for r in run.data["train"]}
     for i in range(len(store)):
-        seed, ids = texts[int(cols["sequence"][i])]
+        seed, ids = texts[int(cols["example"][i])]
         p = int(cols["position"][i])
-        assert (cols["token"][i], cols["next_token"][i], cols["seed"][i]) == (ids[p], ids[p + 1], seed)
-    assert np.array_equal(cols["seed_next_token"], cols["seed"] * len(data.VOCAB) + cols["next_token"])
+        assert (cols["token"][i], cols["target"][i], cols["seed"][i]) == (ids[p], ids[p + 1], seed)
+    assert np.array_equal(cols["seed_next_token"], cols["seed"] * len(data.VOCAB) + cols["target"])
     # each epoch sees every trained token of every sequence exactly once
     for e in range(1, run.config.epochs + 1):
-        pairs = sorted(zip(cols["sequence"][cols["epoch"] == e], cols["position"][cols["epoch"] == e]))
+        pairs = sorted(zip(cols["example"][cols["epoch"] == e], cols["position"][cols["epoch"] == e]))
         assert pairs == sorted((r["id"], p) for r in run.data["train"] for p in range(len(r["text"]) + 1))
 
 

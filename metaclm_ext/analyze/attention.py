@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 
 from ..history_names import parse_field_name
 from ..ops import history_topk
+from ..training.history import LABEL_COLUMNS
 
 LABELS = ("seed", "seed_next_token", "next_token")
 MODULES = {"attn": "MHSA", "mlp": "FFN"}
 
 
 def query_labels(seed: torch.Tensor, next_token: torch.Tensor, vocab_size: int) -> dict[str, np.ndarray]:
-    """The three ground truths of a query, numbered as the store's columns are (record.COLUMNS)."""
+    """The three ground truths of a query, numbered as the store's columns are (training.history.LABEL_COLUMNS)."""
     seed, nxt = seed.numpy().astype(np.int64), next_token.numpy().astype(np.int64)
     return {"seed": seed, "next_token": nxt, "seed_next_token": seed * vocab_size + nxt}
 
@@ -62,7 +63,7 @@ def history_attention(store, queries: dict[str, torch.Tensor], labels: dict[str,
     are scored per head (``heads`` heads), FFN fields as one vector. Returns
     {"fields": {field: {label: {"top": [G], "last": [G]}}}, "chance": {label: [G]}}.
     """
-    history_labels = {name: store.read(name) for name in LABELS}
+    history_labels = {name: store.read(LABEL_COLUMNS[name]) for name in LABELS}
     out = {"fields": {}, "chance": {name: chance_percent(history_labels[name], limits, labels[name], groups,
                                                          num_groups).tolist() for name in LABELS}}
     for field, q in tqdm(queries.items(), desc="attention over history", unit="field", disable=not progress):

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from ..history_names import field_name, parse_module_key
 from ..probe.models import LensModel, wrap
-from ..record import cproj_modules
-from ..train import IGNORE, make_batch
+from ..training import IGNORE, cproj_modules, make_batch
 
 QUERY_POSITION = (
     "Every sequence is <bos> letters <eos>, so the last token (<eos>) has no next token and the last letter's "

@@ -15,8 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..probe.norms import nondecreasing
-from ..record import epoch_limits
-from ..train import load_checkpoint, load_run, resolve_device
+from ..training import epoch_limits, load_checkpoint, load_run, resolve_device
 from . import attention, clustering
 from .claims import judge
 from .forward import LENS, QUERY_POSITION, forward_split, lens_model

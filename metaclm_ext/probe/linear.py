@@ -88,7 +88,7 @@ def synthetic_run(run_dir, epoch: int | None = None, max_samples: int = 200) -> 
 
     Returns the summary (satisfied % overall and per layer, ||W x|| >= ||x|| %) with ``per_sample`` rows.
     """
-    from ..train import load_checkpoint, load_run, make_batch
+    from ..training import load_checkpoint, load_run, make_batch
 
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")

@@ -50,10 +50,11 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Union
 
+import numpy as np
 import torch
 
 from ..dtypes import HISTORY_DTYPE_NAMES
-from ..store import HistoryStore, HistoryWriter
+from ..store import MANIFEST, HistoryStore, HistoryWriter
 from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights, write_status
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
@@ -64,7 +65,6 @@ FORMAT_VERSION = 1
 # width): at most this much is rewritten per step besides the step's own rows.
 SHARD_BYTES = 64 << 20
 MAX_SHARD_ROWS = 65536
-MANIFEST = "manifest.json"  # the file that makes a folder a history store (docs/history-store.md)
 ERROR_DEFINITION = ("e_t = -(lr * c) * dL/dy_t at the module's output y: lr of the weight's param group at the step, "
                     "c the in-place scaling of the weight's gradient after the last backward (clipping, unscaling)")
 RAW_ERROR_DEFINITION = "e_t = -lr * dL/dy_t at the module's output y (the optimizer is not plain SGD)"
@@ -101,12 +101,15 @@ class HistoryRecorder:
     rows per store shard (default: about 64 MiB of rows). ``attrs``: extra JSON run information for the
     store. ``targets_from(args, kwargs)`` gives a training forward's targets when :meth:`capture` does not
     (default: the shifted HF ``labels``). ``resume=True`` continues an existing recording (same fields and
-    modules) after its last committed step; otherwise ``path`` must not hold a store yet.
+    modules) after its last committed step, or, with ``resume_at_step=S``, at step S: the rows of steps S
+    and later (recorded after the checkpoint a resumed training restarts from) are dropped first.
+    Without ``resume``, ``path`` must not hold a store yet.
     """
 
     def __init__(self, model: torch.nn.Module, path: Union[str, Path], modules: Selector, *, errors: bool = True,
                  dtype: str = "float16", columns: Optional[Mapping[str, str]] = None,
                  attrs: Optional[Mapping] = None, shard_rows: Optional[int] = None, resume: bool = False,
+                 resume_at_step: Optional[int] = None,
                  targets_from: Callable[[tuple, dict], Optional[torch.Tensor]] = labels_as_targets):
         if dtype not in HISTORY_DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(HISTORY_DTYPE_NAMES)}, got {dtype!r}")
@@ -135,11 +138,13 @@ class HistoryRecorder:
             raise ValueError("attrs key 'recording' is the recorder's own: choose another name")
         self._last_step, self._next_sequence = -1, 0
         exists = (self.path / MANIFEST).exists()
+        if resume_at_step is not None and (not resume or not exists):
+            raise ValueError(f"resume_at_step needs resume=True and an existing store at {self.path}")
         if exists and not resume:
             raise FileExistsError(f"{self.path} holds a history store already: pass resume=True to continue it, "
                                   "or record into another folder")
         if exists:
-            self.writer = self._resume(fields, columns_spec, recording)
+            self.writer = self._resume(fields, columns_spec, recording, resume_at_step)
         else:
             if shard_rows is None:
                 row_bytes = sum(w for w, _ in fields.values()) * self._dtype.itemsize + 8 * len(columns_spec)
@@ -165,7 +170,7 @@ class HistoryRecorder:
                     self._handles.append(param.register_post_accumulate_grad_hook(self._note_grad))
         self.closed = False
 
-    def _resume(self, fields: dict, columns: dict, recording: dict) -> HistoryWriter:
+    def _resume(self, fields: dict, columns: dict, recording: dict, at_step: Optional[int]) -> HistoryWriter:
         store = HistoryStore(self.path)
         if store.fields != fields or store.columns != columns:
             raise ValueError(f"the store at {self.path} has fields {store.fields} and columns {store.columns}, not "
@@ -174,10 +179,24 @@ class HistoryRecorder:
         if store.attrs.get("recording", {}).get("modules") != recording["modules"]:
             raise ValueError(f"the store at {self.path} recorded other modules: {store.attrs.get('recording')}")
         n = len(store)
+        if at_step is not None:
+            if isinstance(at_step, bool) or not isinstance(at_step, int) or at_step < 0:
+                raise ValueError(f"resume_at_step must be an int >= 0, got {at_step!r}")
+            n = int(np.searchsorted(store.read("step"), at_step, side="left"))
+            last = int(store.read("step", n - 1, n)[0]) if n else -1
+            if last != at_step - 1:
+                raise ValueError(f"the store at {self.path} ends at step {last}, so it cannot continue at step "
+                                 f"{at_step}: steps {last + 1}..{at_step - 1} were never recorded")
         if n:
             self._last_step = int(store.read("step", n - 1, n)[0])
             self._next_sequence = int(store.read("sequence", n - 1, n)[0]) + 1
         writer = HistoryWriter.resume(self.path)
+        if at_step is not None:
+            try:
+                writer.truncate(n)
+            except BaseException:
+                writer.close()
+                raise
         self.status = {**read_status(self.path), "closed": False}
         write_status(self.path, self.status)
         return writer

@@ -21,7 +21,8 @@ from ..paper import paper_numbers
 from ..probe import report as probe_report
 from ..probe.linear import synthetic_run
 from ..probe.run import ProbeConfig, run_probe
-from ..train import load_run, make_config, train
+from ..training import load_run, make_config
+from ..training.loop import train
 
 _T5, _T6 = (paper_numbers()[k]["epochs"] for k in ("table5_training_section5", "table6_training_section8_1"))
 

@@ -13,8 +13,8 @@ The package mirrors the docs: ``_format`` is the on-disk format of docs/history-
 dtypes, ``.npy`` headers, checksums, atomic writes), ``reader`` and ``writer`` the two sides of
 docs/store.md.
 """
-from ._format import DEFAULT_SHARD_ROWS, StoreError
+from ._format import DEFAULT_SHARD_ROWS, MANIFEST, StoreError
 from .reader import HistoryStore, StoreField
 from .writer import HistoryWriter
 
-__all__ = ["DEFAULT_SHARD_ROWS", "HistoryStore", "HistoryWriter", "StoreError", "StoreField"]
+__all__ = ["DEFAULT_SHARD_ROWS", "MANIFEST", "HistoryStore", "HistoryWriter", "StoreError", "StoreField"]

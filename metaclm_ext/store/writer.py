@@ -213,6 +213,39 @@ class HistoryWriter:
             self.closed = True
             os.close(self._lock_fd)
 
+    def truncate(self, rows: int) -> None:
+        """Keep the first ``rows`` rows and drop the rest (e.g. the rows recorded after the checkpoint that a
+        resumed training run restarts from). One manifest write commits the change: a crash before it keeps
+        every row, a crash after it only the first ``rows``; dropped shards' files are deleted afterwards."""
+        self._check_open()
+        if check_int("rows", rows) < 0 or rows > self.rows:
+            raise ValueError(f"rows must be in [0, {self.rows}], got {rows}")
+        self.flush()
+        if rows == self.committed_rows:
+            return
+        kept, start = [], 0
+        shards = self._manifest["shards"]
+        while start + shards[len(kept)]["rows"] <= rows:
+            start += shards[len(kept)]["rows"]
+            kept.append(shards[len(kept)])
+        dropped = shards[len(kept):]
+        cut = rows - start  # rows kept of the first dropped shard, rewritten as a new partial shard
+        if cut:
+            store = HistoryStore(self.path)
+            for name, buf in self._buffers.items():
+                buf[:cut] = store.read(name, start, rows, raw=True)
+            self._manifest = {**self._manifest, "shards": kept + [dropped[0]]}
+            self._buffered = self._open_committed = cut
+            self._commit()  # replaces dropped[0] by the kept rows in one manifest write
+            dropped = dropped[1:]
+        else:
+            manifest = {**self._manifest, "rows": rows, "shards": kept}
+            write_manifest(self.path, manifest)
+            self._manifest, self._buffered, self._open_committed = manifest, 0, 0
+        for shard in dropped:
+            for entry in shard["files"].values():
+                (self.path / entry["path"]).unlink(missing_ok=True)
+
     def _check_open(self) -> None:
         if self.closed:
             raise ValueError(f"HistoryWriter for {self.path} is closed")
