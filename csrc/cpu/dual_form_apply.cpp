@@ -1,20 +1,19 @@
-// CPU kernel of dual_form_apply:  out[q] = sum_{t < limit[q]} errors[t] <inputs[t], queries[q]>.
-// By linearity this is (sum_{t < limit[q]} errors[t] (x) inputs[t]) queries[q]: the stream accumulates
-// the weight change of the layer (fp64 [D_out, D_in], blocks of rows multiplied in fp32)
-// and applies it to each query when it passes the query's limit. Work is O(N * D_in * D_out) whatever
-// the number of queries, and the accumulation in fp64 keeps the exact-reconstruction check honest.
+// CPU kernel of dual_form_apply: the accumulation of row products under the device-agnostic merge
+// (csrc/common/dual_form_merge.h), with every row checked for NaN/Inf while it is in cache.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <limits>
 #include <mutex>
 
-#include "rows.h"
+#include "../common/checks.h"
+#include "../common/dual_form_merge.h"
+#include "row_readers.h"
 
 namespace metaclm {
 namespace {
-
-constexpr int64_t kGemmRows = 8192;  // rows summed in fp32 (a unit) before adding into the fp64 accumulator
 
 // A CPU thread's fp32 product of one unit: blocks of rows are staged as fp32 (and checked for NaN/Inf
 // while in cache), then multiplied into `sum` = errors^T inputs of the unit so far.
@@ -173,106 +172,45 @@ class UnitProduct {
 };
 
 // Adds errors[begin:end]^T inputs[begin:end] into weight_delta (fp64 [D_out, D_in]) in units of
-// kGemmRows rows: a unit's product is summed in fp32, units are added in fp64.
-// * CPU: threads take whole units (so each unit's fp32 sum, and the result up to fp64 rounding, does
-//   not depend on the number of threads), each with its own UnitProduct. Every row is checked for
-//   NaN/Inf while it is in cache; the first bad row (inputs before errors on the same row) is raised after.
-// * GPU: one device GEMM per unit; a check per block would cost a device sync, so the caller checks
-//   the chunk once up front.
-struct WeightDeltaAccumulator {
-  const at::Tensor& inputs;
-  const at::Tensor& errors;
-  int64_t row_offset;
-  at::Tensor& weight_delta;
-
-  void add(int64_t begin, int64_t end) {
-    if (begin >= end) return;
-    if (!inputs.is_cpu()) {
-      for (int64_t b = begin; b < end; b += kGemmRows) {
-        const int64_t e = std::min(end, b + kGemmRows);
-        weight_delta.add_(at::mm(errors.slice(0, b, e).to(at::kFloat).t(), inputs.slice(0, b, e).to(at::kFloat)));
+// kDualFormUnitRows rows: a unit's product is summed in fp32, units are added in fp64. Threads take
+// whole units (so each unit's fp32 sum, and the result up to fp64 rounding, does not depend on the
+// number of threads), each with its own UnitProduct. Every row is checked for NaN/Inf while it is in
+// cache; the first bad row (inputs before errors on the same row) is raised after.
+void add_row_products_cpu(const at::Tensor& inputs, const at::Tensor& errors, int64_t row_offset, int64_t begin,
+                          int64_t end, at::Tensor& weight_delta) {
+  constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
+  const auto x_all = inputs.contiguous(), e_all = errors.contiguous();  // the row checks assume [n, d]
+  std::atomic<int64_t> bad_input{kNoRow}, bad_error{kNoRow};
+  std::mutex add_mutex;
+  at::parallel_for(0, (end - begin + kDualFormUnitRows - 1) / kDualFormUnitRows, 1, [&](int64_t u_begin, int64_t u_end) {
+    UnitProduct unit(e_all.size(1), x_all.size(1));
+    at::Tensor thread_sum = at::zeros_like(weight_delta);
+    for (int64_t u = u_begin; u < u_end; ++u) {
+      const int64_t unit_end = std::min(end, begin + (u + 1) * kDualFormUnitRows);
+      unit.zero();
+      for (int64_t b = begin + u * kDualFormUnitRows; b < unit_end; b += unit.block_rows()) {
+        const int64_t e = std::min(unit_end, b + unit.block_rows());
+        if (!unit.add_block(e_all, x_all, b, e, bad_error, bad_input)) return;  // raised below
       }
-      return;
+      thread_sum.add_(unit.sum());
     }
-    const auto x_all = inputs.contiguous(), e_all = errors.contiguous();  // the row checks assume [n, d]
-    std::atomic<int64_t> bad_input{kNoRow}, bad_error{kNoRow};
-    std::mutex add_mutex;
-    at::parallel_for(0, (end - begin + kGemmRows - 1) / kGemmRows, 1, [&](int64_t u_begin, int64_t u_end) {
-      UnitProduct unit(e_all.size(1), x_all.size(1));
-      at::Tensor thread_sum = at::zeros_like(weight_delta);
-      for (int64_t u = u_begin; u < u_end; ++u) {
-        const int64_t unit_end = std::min(end, begin + (u + 1) * kGemmRows);
-        unit.zero();
-        for (int64_t b = begin + u * kGemmRows; b < unit_end; b += unit.block_rows()) {
-          const int64_t e = std::min(unit_end, b + unit.block_rows());
-          if (!unit.add_block(e_all, x_all, b, e, bad_error, bad_input)) return;  // raised below
-        }
-        thread_sum.add_(unit.sum());
-      }
-      std::lock_guard<std::mutex> guard(add_mutex);
-      weight_delta.add_(thread_sum);
-    });
-    const int64_t bad = std::min(bad_input.load(), bad_error.load());
-    TORCH_CHECK_VALUE(bad == kNoRow, bad == bad_input.load() ? "inputs" : "errors", " row ", row_offset + bad,
-                      " contains NaN or Inf");
-  }
-
- private:
-  static constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
-};
+    std::lock_guard<std::mutex> guard(add_mutex);
+    weight_delta.add_(thread_sum);
+  });
+  const int64_t bad = std::min(bad_input.load(), bad_error.load());
+  TORCH_CHECK_VALUE(bad == kNoRow, bad == bad_input.load() ? "inputs" : "errors", " row ", row_offset + bad,
+                    " contains NaN or Inf");
+}
 
 std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_cpu(const at::Tensor& queries, const at::Tensor& inputs,
                                                              const at::Tensor& errors, int64_t row_offset,
                                                              const at::Tensor& limit, const at::Tensor& weight_delta,
                                                              const at::Tensor& out) {
-  return dual_form_apply_merge_any(queries, inputs, errors, row_offset, limit, weight_delta, out, &check_finite_rows);
+  check_dual_form_merge_args(queries, inputs, errors, limit, weight_delta, out);
+  return dual_form_apply_merge_any(queries, inputs, errors, row_offset, limit, weight_delta, out, &add_row_products_cpu);
 }
 
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_any(const at::Tensor& queries, const at::Tensor& inputs,
-                                                             const at::Tensor& errors, int64_t row_offset,
-                                                             const at::Tensor& limit, const at::Tensor& weight_delta,
-                                                             const at::Tensor& out, FiniteRowCheck check_finite) {
-  TORCH_CHECK_VALUE(queries.dim() == 2 && queries.scalar_type() == at::kFloat, "queries must be float32 [Q, D_in]");
-  check_history(inputs, "inputs");
-  check_history(errors, "errors");
-  const int64_t nq = queries.size(0), d_in = queries.size(1);
-  const int64_t n = inputs.size(0);
-  TORCH_CHECK_VALUE(inputs.size(1) == d_in, "inputs width ", inputs.size(1), " != queries width ", d_in);
-  TORCH_CHECK_VALUE(errors.size(0) == n, "errors has ", errors.size(0), " rows, inputs has ", n);
-  const int64_t d_out = errors.size(1);
-  check_limit(limit, nq);
-  TORCH_CHECK_VALUE(weight_delta.scalar_type() == at::kDouble && weight_delta.dim() == 2 &&
-                        weight_delta.size(0) == d_out && weight_delta.size(1) == d_in,
-                    "weight_delta must be float64 [D_out, D_in]");
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kDouble && out.dim() == 2 && out.size(0) == nq && out.size(1) == d_out,
-                    "out must be float64 [Q, D_out]");
-
-  auto delta = weight_delta.contiguous().clone();
-  auto result = out.contiguous().clone();
-  auto lim = limit.to(at::kCPU).contiguous();  // breakpoints are planned on the host
-  const int64_t* limp = lim.data_ptr<int64_t>();
-  const Breakpoints bp = breakpoints_in_chunk(lim, row_offset, n);
-  auto q64 = queries.to(at::kDouble);
-  if (!inputs.is_cpu()) {
-    check_finite(inputs, row_offset, "inputs");
-    check_finite(errors, row_offset, "errors");
-  }
-  WeightDeltaAccumulator accumulate{inputs, errors, row_offset, delta};
-  int64_t done = 0;
-  for (int64_t o = bp.begin; o < bp.end; ++o) {
-    const int64_t qi = bp.order[o];
-    const int64_t stop = limp[qi] - row_offset;
-    if (stop > done) {
-      accumulate.add(done, stop);
-      done = stop;
-    }
-    result[qi].copy_(at::mv(delta, q64[qi]));
-  }
-  accumulate.add(done, n);
-  return {delta, result};
-}
 
 TORCH_LIBRARY_IMPL(metaclm_ext, CPU, m) { m.impl("dual_form_apply_merge", &dual_form_apply_merge_cpu); }
 

@@ -6,12 +6,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <mutex>
 #include <type_traits>
+#include <vector>
 
-#include "rows.h"
+#include "../common/checks.h"
+#include "../common/limit_breakpoints.h"
+#include "row_readers.h"
 
 namespace metaclm {
 namespace {

@@ -21,12 +21,15 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <mutex>
 #include <optional>
 
-#include "rows.h"
+#include "../common/checks.h"
+#include "row_readers.h"
 
 // The query-vector scan (heads of 8 dimensions) needs AVX-512 F and DQ; without them every head
 // takes the row-vector scan.

@@ -1,8 +1,9 @@
 // CUDA glue of history_label_mass_merge: the host plans the limit breakpoints (as on the CPU), the
-// kernels in label_mass_kernel.cu accumulate the label sums between breakpoints and read them out.
+// kernels in history_label_mass_kernel.cu accumulate the label sums between breakpoints and read them out.
 #include <torch/library.h>
 
-#include "../cpu/rows.h"
+#include "../common/checks.h"
+#include "../common/limit_breakpoints.h"
 #include "glue.h"
 
 namespace metaclm {

@@ -1,7 +1,7 @@
 // CUDA glue of history_topk_merge: checks, allocation, launch (kernels in history_topk_kernel.cu).
 #include <torch/library.h>
 
-#include "../cpu/rows.h"
+#include "../common/checks.h"
 #include "glue.h"
 
 namespace metaclm {
