@@ -20,17 +20,16 @@ namespace {
 //
 // With AVX-512 the product is a register-tiled rank update (6 x 64 tiles of the sum in 24 zmm
 // accumulators; per row, 4 loads of inputs and 6 broadcasts of errors feed 24 FMAs) over blocks of 64
-// rows that stay in L1, on 64-byte aligned buffers padded to whole tiles: 145-150 GFLOP/s on one core
-// of this project's Xeon (peak 179), where ATen's GEMM (MKL) took 136 at its best depth, 512 rows,
-// before staging, and packed its operands on every call. For sums larger than L2 holds (use_tiles),
-// and without AVX-512, ATen's GEMM multiplies 512-row blocks.
+// rows that stay in L1, on 64-byte aligned buffers padded to whole tiles: near the FMA units' peak,
+// where ATen's GEMM packs its operands on every call (timings in the commit history). For sums larger
+// than L2 holds (use_tiles), and without AVX-512, ATen's GEMM multiplies 512-row blocks.
 class UnitProduct {
  public:
   UnitProduct(int64_t d_out, int64_t d_in)
       : d_out_(d_out), d_in_(d_in), tiled_(use_tiles(d_out, d_in)), block_rows_(tiled_ ? kTileBlockRows : kGemmBlockRows),
         ld_e_(tiled_ ? round_up(d_out, kTileRows) : d_out), ld_x_(tiled_ ? round_up(d_in, kTileCols) : d_in) {
-    // The CPU allocator aligns to 64 bytes, and rows of whole tiles keep every row aligned (unaligned
-    // buffers ran the tiles at 100 GFLOP/s instead of 150).
+    // The CPU allocator aligns to 64 bytes, and rows of whole tiles keep every row aligned: the tiles'
+    // 512-bit loads run at full speed only when aligned.
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     // Zeros: the padding is never written, and must not hold denormals or NaN that the tiles multiply.
     staged_e_ = at::zeros({block_rows_, ld_e_}, f32);
@@ -85,9 +84,8 @@ class UnitProduct {
   static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
   // Tiles while the unit's sum stays in L2: every 64-row block loads and stores the whole sum, which
-  // for wider layers outruns the cache, where the GEMM's own blocking does not (2 threads, fp16 rows:
-  // 128 x 128 tiles 213-230 against GEMM 176-187 GFLOP/s, 256 x 256 207-224 against 197-207,
-  // 512 x 256 alike, 384 x 384 210-224 against 229-240, 1024 x 256 165-178 against 196-198).
+  // for wider layers outruns the cache, where the GEMM's own blocking does not (the 256 KB crossover
+  // was timed: commit history).
   static bool use_tiles(int64_t d_out, int64_t d_in) {
 #if defined(__AVX512F__)
     return round_up(d_out, kTileRows) * round_up(d_in, kTileCols) * static_cast<int64_t>(sizeof(float)) <= kMaxTiledSumBytes;
@@ -111,7 +109,7 @@ class UnitProduct {
         int64_t j = 0;
 #if defined(__AVX512F__)
         // 16 at a time, checked after the conversion (NaN and Inf stay NaN and Inf in fp32): one pass
-        // where row_is_finite then row_to_float took two, 2-3% of the whole op at 1M fp16 rows of 128
+        // over the row where row_is_finite then row_to_float take two
         const __m512i exponent = _mm512_set1_epi32(0x7f800000);
         __mmask16 special = 0;
         for (; j + 16 <= d; j += 16) {

@@ -27,7 +27,7 @@ typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 // The same vector read from any float address: one unaligned vector load. (A memcpy into a vfloat is
 // not: GCC tuned for Ice Lake prefers 256-bit moves, copies it in two halves through the stack, and
-// the 512-bit reload then stalls on store forwarding; measured 4x slower on a 2-core Xeon.)
+// the 512-bit reload then stalls on store forwarding.)
 typedef float vfloat_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
 inline vfloat load_vfloat(const float* p) { return *reinterpret_cast<const vfloat_unaligned*>(p); }
 
@@ -169,11 +169,10 @@ void scan_queries(const BlockTask& t, int64_t qi, ThreadSelections& selections) 
   g.store(selections, t.h, qi);
 }
 
-// Scores the block against every query of head h. Register tiles measured on this project's 2-core
-// Xeon (AVX-512, one 512-bit load per cycle): 8 queries x 2 row vectors for short heads (where the
+// Scores the block against every query of head h, with the register tile that suits the head on a
+// core with one 512-bit load per cycle: 8 queries x 2 row vectors for short heads (where the
 // per-vector compares weigh), 6 x 4 for heads of 32 to 63, and 8 x 3 over 48-row blocks for heads of
-// 64 or more (D = 128, Q = 200, 1M rows: about 10% faster than 6 x 4 over 64-row blocks, median of
-// 10 alternating pairs, fp16 and fp32).
+// 64 or more (timings in the commit history and benchmarks/results/cpu.json).
 template <int DH>
 void scan_block(const BlockTask& t, ThreadSelections& selections) {
   const int64_t dh = DH > 0 ? DH : t.dh;
@@ -214,7 +213,7 @@ class Fp32RowScan {
   int64_t steps_per_block() const { return q_.nh * ((q_.nq + 7) / 8); }
 
   // A thread's block as fp32 [D][stride]. One spare cache line per dimension: a power-of-two stride
-  // would map them all to the same few cache sets (measured: the transposing stores ran 2x slower).
+  // would map them all to the same few cache sets, where the transposing stores evict each other.
   struct Buffers {
     explicit Buffers(const Fp32RowScan& scan)
         : stride(scan.block_rows_ + kLanes), block(scan.q_.nh * scan.q_.dh * stride) {}

@@ -1,6 +1,6 @@
 // Int8 screening for heads of 64k dimensions (the paper's FFN histories). VPDPBUSD multiplies 64 byte
-// pairs per instruction where an FMA multiplies 16 floats: on this project's Ice Lake Xeon one VPDPBUSD
-// issues per cycle against two FMAs, twice the multiply-adds. Scores computed in int8 are only
+// pairs per instruction where an FMA multiplies 16 floats: on Ice Lake one VPDPBUSD issues per cycle
+// against two FMAs, twice the multiply-adds. Scores computed in int8 are only
 // approximate, so they screen: each block of rows and each query is scaled to int8 (per head, by its
 // largest magnitude), the scan computes every approximate score exactly in int32, and a row whose
 // approximation is within a proven error bound E of a floor is scored again in fp32 and offered. So
@@ -11,8 +11,8 @@
 // plus the fp32 rescore's own rounding, at most dh 2^-23 times the same min with q for dq (max over
 // the block's rows). A row may pass only if q~.x~ >= (top floor - E) / (s_q s_x) or
 // <= (last floor + E) / (s_q s_x): integer thresholds, so the hot loop is VPDPBUSD and integer
-// compares only. On 1M Gaussian rows (D = 128, Q = 200, k = 10) 164k of the 200M (query, row) pairs
-// were rescored; tests/test_ops.py builds a row that errs by nearly E.
+// compares only. Once the selections are full few rows come within E of a floor, so few are rescored;
+// tests/test_ops.py builds a row that errs by nearly E.
 #pragma once
 
 #include <immintrin.h>

@@ -1,12 +1,10 @@
 // The query-vector scan of history_topk, for heads of kQueryDh dimensions (the paper's attention
 // heads). There the roles flip: 16 queries of one head are one vector (their dimensions stay in
 // registers for the whole block), each history value is broadcast, and one row against 16 queries is
-// one score vector. Rows need no transpose, only
-// conversion to fp32 and a split by head. A tile of 2 query vectors x 4 rows keeps 16 query, 8 score
-// and up to 4 floor vectors in registers and is tested at once over its rows (scan_until_candidate).
-// Measured on this project's 2-core Xeon, 1M rows, 8 heads, Q = 200, fp16, with floors no row
-// passes (the scan alone, best of 6): row-vector scan 0.180 s, query vectors tested by extremes
-// 0.135 s, by magnitude 0.112 s (119 G multiply-adds/s, about 80% of the FMA units' peak).
+// one score vector. Rows need no transpose, only conversion to fp32 and a split by head. A tile of 2
+// query vectors x 4 rows keeps 16 query, 8 score and up to 4 floor vectors in registers and is tested
+// at once over its rows (scan_until_candidate). On heads this short it keeps the FMA units far busier
+// than the row-vector scan (timings in the commit history).
 // Needs AVX-512 F and DQ (isa.h); without them every head takes the row-vector scan.
 #pragma once
 

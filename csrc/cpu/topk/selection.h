@@ -45,8 +45,8 @@ struct Heap {
 
 // A thread's private selection of the k best (key, index) pairs, worst_key() the key a candidate must
 // reach. For k <= kSortedMaxK a list sorted best first: a candidate enters at the back and shifts past
-// the few entries it beats (most enter just above the worst), which measured cheaper than a heap's
-// sift-down with its unpredictable branches. For larger k, a heap.
+// the few entries it beats (most enter just above the worst), cheaper than a heap's sift-down with its
+// unpredictable branches. For larger k, a heap.
 constexpr int64_t kSortedMaxK = 32;
 
 struct LocalTopK {
@@ -116,9 +116,9 @@ struct ThreadSelections {
 
   // Offers of the query-vector scan wait in a short queue, their selection's lines prefetched when
   // queued, so an offer applied kOfferDelay offers later finds them in cache instead of stalling on a
-  // miss (the selections of thousands of queries span megabytes; measured about 10% faster at
-  // Q = 3600, H = 8, 100k rows). A floor then lags its selection by the few offers queued, which only
-  // lets a few more candidates through to the exact check. flush() before reading the selections.
+  // miss (the selections of thousands of queries span megabytes). A floor then lags its selection by
+  // the few offers queued, which only lets a few more candidates through to the exact check. flush()
+  // before reading the selections.
   static constexpr int kOfferDelay = 8;
   struct Offer {
     float key;  // the score for top, its negation for last
