@@ -1,5 +1,6 @@
 // Argument checks of the merge operators, shared by the CPU kernels and the CUDA glue: each raises a
-// ValueError naming the argument, so a bad call fails the same way on every device.
+// ValueError naming the argument, so a bad call fails the same way on every device. Widths of 0 are
+// refused here because the kernels divide by them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +15,15 @@ inline void check_history(const at::Tensor& history, const char* name) {
       history.scalar_type() == at::kFloat || history.scalar_type() == at::kHalf ||
           history.scalar_type() == at::kBFloat16,
       name, " must be float32, float16 or bfloat16, got ", history.scalar_type());
+  TORCH_CHECK_VALUE(history.size(1) >= 1, name, " width must be >= 1, got ", history.size(1));
+}
+
+// queries: fp32 [Q, H, Dh] with at least one head of at least one dimension.
+inline void check_head_queries(const at::Tensor& queries) {
+  TORCH_CHECK_VALUE(queries.dim() == 3 && queries.scalar_type() == at::kFloat,
+                    "queries must be float32 [Q, H, Dh], got ", queries.scalar_type(), " ", queries.sizes());
+  TORCH_CHECK_VALUE(queries.size(1) >= 1 && queries.size(2) >= 1,
+                    "queries heads and head_dim must be >= 1, got [Q, H, Dh] = ", queries.sizes());
 }
 
 inline void check_limit(const at::Tensor& limit, int64_t num_queries) {
@@ -26,8 +36,7 @@ inline void check_limit(const at::Tensor& limit, int64_t num_queries) {
 inline int64_t check_topk_merge_args(const at::Tensor& queries, const at::Tensor& history, const at::Tensor& limit,
                                      const at::Tensor& top_keys, const at::Tensor& top_indices,
                                      const at::Tensor& last_keys, const at::Tensor& last_indices) {
-  TORCH_CHECK_VALUE(queries.dim() == 3 && queries.scalar_type() == at::kFloat,
-                    "queries must be float32 [Q, H, Dh], got ", queries.scalar_type(), " ", queries.sizes());
+  check_head_queries(queries);
   check_history(history, "history");
   const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
   const int64_t d = history.size(1);
@@ -48,8 +57,7 @@ inline int64_t check_topk_merge_args(const at::Tensor& queries, const at::Tensor
 inline int64_t check_label_mass_merge_args(const at::Tensor& queries, const at::Tensor& history,
                                            const at::Tensor& labels, const at::Tensor& limit,
                                            const at::Tensor& label_sums, const at::Tensor& mass) {
-  TORCH_CHECK_VALUE(queries.dim() == 3 && queries.scalar_type() == at::kFloat,
-                    "queries must be float32 [Q, H, Dh]");
+  check_head_queries(queries);
   check_history(history, "history");
   const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
   const int64_t n = history.size(0), d = history.size(1);
