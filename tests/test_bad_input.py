@@ -226,6 +226,28 @@ def test_raw_merge_ops_refuse_zero_width():
                                   torch.zeros(3, 0, dtype=f64), torch.zeros(5, 3, dtype=f64))
 
 
+def test_raw_topk_merge_refuses_an_empty_state():
+    """A state of k = 0 entries once segfaulted: the threads seed their floors from its first entry."""
+    with pytest.raises(ValueError, match=r"top_keys must be \[Q, H, k\] with k >= 1, got \[3, 2, 0\]"):
+        torch.ops.metaclm_ext.history_topk_merge(Q, H, 0, torch.full((3,), 50), *_raw_topk_state(3, 2, 0))
+
+
+RAW_MERGE_ARGS = {  # a valid call of each merge operator but for its row_offset (-5)
+    "history_topk_merge": lambda: (Q, H, -5, torch.full((3,), 50), *_raw_topk_state(3, 2, 4)),
+    "history_label_mass_merge": lambda: (Q, H, torch.zeros(50, dtype=torch.int64), -5, torch.full((3,), 50),
+                                         torch.zeros(4, 8, dtype=torch.float64), torch.zeros(3, 2, 4, dtype=torch.float64)),
+    "dual_form_apply_merge": lambda: (torch.randn(3, 8), H, torch.randn(50, 6), -5, torch.full((3,), 50),
+                                      torch.zeros(6, 8, dtype=torch.float64), torch.zeros(3, 6, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(RAW_MERGE_ARGS))
+def test_raw_merge_ops_refuse_a_negative_row_offset(op):
+    """A negative row_offset once gave negative row indices (and label rows outside the chunk)."""
+    with pytest.raises(ValueError, match=r"row_offset must be >= 0, got -5"):
+        getattr(torch.ops.metaclm_ext, op)(*RAW_MERGE_ARGS[op]())
+
+
 def test_tensor_rows_needs_a_cpu_tensor():
     from metaclm_ext.ops import TensorRows
 

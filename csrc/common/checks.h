@@ -26,6 +26,11 @@ inline void check_head_queries(const at::Tensor& queries) {
                     "queries heads and head_dim must be >= 1, got [Q, H, Dh] = ", queries.sizes());
 }
 
+// Global row number of the chunk's first row.
+inline void check_row_offset(int64_t row_offset) {
+  TORCH_CHECK_VALUE(row_offset >= 0, "row_offset must be >= 0, got ", row_offset);
+}
+
 inline void check_limit(const at::Tensor& limit, int64_t num_queries) {
   TORCH_CHECK_VALUE(
       limit.dim() == 1 && limit.size(0) == num_queries && limit.scalar_type() == at::kLong,
@@ -33,17 +38,19 @@ inline void check_limit(const at::Tensor& limit, int64_t num_queries) {
 }
 
 // Checks the arguments of history_topk_merge; returns k.
-inline int64_t check_topk_merge_args(const at::Tensor& queries, const at::Tensor& history, const at::Tensor& limit,
-                                     const at::Tensor& top_keys, const at::Tensor& top_indices,
+inline int64_t check_topk_merge_args(const at::Tensor& queries, const at::Tensor& history, int64_t row_offset,
+                                     const at::Tensor& limit, const at::Tensor& top_keys, const at::Tensor& top_indices,
                                      const at::Tensor& last_keys, const at::Tensor& last_indices) {
   check_head_queries(queries);
   check_history(history, "history");
+  check_row_offset(row_offset);
   const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
   const int64_t d = history.size(1);
   TORCH_CHECK_VALUE(d == nh * dh, "history width ", d, " != heads * head_dim = ", nh, " * ", dh);
   check_limit(limit, nq);
   TORCH_CHECK_VALUE(top_keys.dim() == 3 && top_keys.size(0) == nq && top_keys.size(1) == nh,
                     "top_keys must be [Q, H, k]");
+  TORCH_CHECK_VALUE(top_keys.size(2) >= 1, "top_keys must be [Q, H, k] with k >= 1, got ", top_keys.sizes());
   for (const auto& t : {top_keys, last_keys}) {
     TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.sizes() == top_keys.sizes(), "bad heap keys");
   }
@@ -55,10 +62,11 @@ inline int64_t check_topk_merge_args(const at::Tensor& queries, const at::Tensor
 
 // Checks the arguments of history_label_mass_merge; returns the number of labels.
 inline int64_t check_label_mass_merge_args(const at::Tensor& queries, const at::Tensor& history,
-                                           const at::Tensor& labels, const at::Tensor& limit,
+                                           const at::Tensor& labels, int64_t row_offset, const at::Tensor& limit,
                                            const at::Tensor& label_sums, const at::Tensor& mass) {
   check_head_queries(queries);
   check_history(history, "history");
+  check_row_offset(row_offset);
   const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
   const int64_t n = history.size(0), d = history.size(1);
   TORCH_CHECK_VALUE(d == nh * dh, "history width ", d, " != heads * head_dim = ", nh, " * ", dh);
@@ -76,11 +84,12 @@ inline int64_t check_label_mass_merge_args(const at::Tensor& queries, const at::
 
 // Checks the arguments of dual_form_apply_merge.
 inline void check_dual_form_merge_args(const at::Tensor& queries, const at::Tensor& inputs, const at::Tensor& errors,
-                                       const at::Tensor& limit, const at::Tensor& weight_delta,
+                                       int64_t row_offset, const at::Tensor& limit, const at::Tensor& weight_delta,
                                        const at::Tensor& out) {
   TORCH_CHECK_VALUE(queries.dim() == 2 && queries.scalar_type() == at::kFloat, "queries must be float32 [Q, D_in]");
   check_history(inputs, "inputs");
   check_history(errors, "errors");
+  check_row_offset(row_offset);
   const int64_t nq = queries.size(0), d_in = queries.size(1);
   const int64_t n = inputs.size(0);
   TORCH_CHECK_VALUE(inputs.size(1) == d_in, "inputs width ", inputs.size(1), " != queries width ", d_in);

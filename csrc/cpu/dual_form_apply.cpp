@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_cpu(const at::Tensor& q
                                                              const at::Tensor& errors, int64_t row_offset,
                                                              const at::Tensor& limit, const at::Tensor& weight_delta,
                                                              const at::Tensor& out) {
-  check_dual_form_merge_args(queries, inputs, errors, limit, weight_delta, out);
+  check_dual_form_merge_args(queries, inputs, errors, row_offset, limit, weight_delta, out);
   return dual_form_apply_merge_any(queries, inputs, errors, row_offset, limit, weight_delta, out, &add_row_products_cpu);
 }
 

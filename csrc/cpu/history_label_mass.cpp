@@ -240,7 +240,7 @@ void read_out(const at::Tensor& sums, const at::Tensor& queries, const int64_t* 
 std::tuple<at::Tensor, at::Tensor> history_label_mass_merge_cpu(
     const at::Tensor& queries, const at::Tensor& history, const at::Tensor& labels, int64_t row_offset,
     const at::Tensor& limit, const at::Tensor& label_sums, const at::Tensor& mass) {
-  const int64_t num_labels = check_label_mass_merge_args(queries, history, labels, limit, label_sums, mass);
+  const int64_t num_labels = check_label_mass_merge_args(queries, history, labels, row_offset, limit, label_sums, mass);
   const int64_t n = history.size(0), d = history.size(1);
   auto lab = labels.contiguous();
   const int64_t* lp = lab.data_ptr<int64_t>();

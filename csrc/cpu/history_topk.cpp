@@ -115,7 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cp
     const at::Tensor& queries, const at::Tensor& history, int64_t row_offset, const at::Tensor& limit,
     const at::Tensor& top_keys, const at::Tensor& top_indices, const at::Tensor& last_keys,
     const at::Tensor& last_indices) {
-  const int64_t k = check_topk_merge_args(queries, history, limit, top_keys, top_indices, last_keys, last_indices);
+  const int64_t k =
+      check_topk_merge_args(queries, history, row_offset, limit, top_keys, top_indices, last_keys, last_indices);
   const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
 
   auto q = queries.contiguous();

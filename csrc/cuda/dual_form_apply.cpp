@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_cuda(const at::Tensor& 
   check_same_device(queries, {{"inputs", inputs}, {"errors", errors}, {"limit", limit},
                               {"weight_delta", weight_delta}, {"out", out}});
   c10::cuda::CUDAGuard guard(queries.device());
-  check_dual_form_merge_args(queries, inputs, errors, limit, weight_delta, out);
+  check_dual_form_merge_args(queries, inputs, errors, row_offset, limit, weight_delta, out);
   check_finite_rows_cuda(inputs, row_offset, "inputs");
   check_finite_rows_cuda(errors, row_offset, "errors");
   return dual_form_apply_merge_any(queries, inputs, errors, row_offset, limit, weight_delta, out,
