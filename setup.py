@@ -34,7 +34,7 @@ def extension():
     # -march=native: this is a source build for the machine it runs on; METACLM_PORTABLE=1 turns it off.
     arch = [] if os.environ.get("METACLM_PORTABLE", "0") == "1" else ["-march=native"]
     cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17", *arch]
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/common/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not with_cuda:
         return CppExtension(
             "metaclm_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]

@@ -62,6 +62,8 @@ def _shape_of(name: str, source: History) -> tuple[int, int]:
     _check_float(name, source.dtype)
     if shape[0] == 0:
         raise ValueError(f"{name} is empty (0 rows)")
+    if shape[1] == 0:
+        raise ValueError(f"{name} width must be >= 1, got 0")
     return shape
 
 

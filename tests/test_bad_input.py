@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import metaclm_ext
+from metaclm_ext.ops import PAD_INDEX
 
 Q = torch.randn(3, 2, 4)
 H = torch.randn(50, 8)
@@ -178,6 +179,73 @@ def test_raw_op_rejects_bad_state_without_crashing():
         torch.ops.metaclm_ext.history_topk_merge(Q, H, 0, lim, keys, idx.int(), keys, idx)
     with pytest.raises(ValueError, match="limit must be int64"):
         torch.ops.metaclm_ext.history_topk_merge(Q, H, 0, lim.int(), keys, idx, keys, idx)
+
+
+ZERO_WIDTH_CALLS = {
+    "topk": lambda: metaclm_ext.history_topk(torch.randn(5, 0), torch.randn(3000, 0), k=1),
+    "label_mass": lambda: metaclm_ext.history_label_mass(
+        torch.randn(5, 0), torch.randn(30, 0), torch.zeros(30, dtype=torch.int64), 3),
+    "dual_form_errors": lambda: metaclm_ext.dual_form_apply(torch.randn(5, 4), torch.randn(30, 4), torch.randn(30, 0)),
+    "dual_form_inputs": lambda: metaclm_ext.dual_form_apply(torch.randn(5, 0), torch.randn(30, 0), torch.randn(30, 3)),
+}
+ZERO_WIDTH_ERRORS = {
+    "topk": r"history width must be >= 1, got 0",
+    "label_mass": r"history width must be >= 1, got 0",
+    "dual_form_errors": r"errors width must be >= 1, got 0",
+    "dual_form_inputs": r"inputs width must be >= 1, got 0",
+}
+
+
+@pytest.mark.parametrize("case", sorted(ZERO_WIDTH_CALLS))
+def test_zero_width_rows_are_refused(case):
+    """Rows of width 0 once reached kernels that divide by the width (a segfault or SIGFPE)."""
+    with pytest.raises(ValueError, match=ZERO_WIDTH_ERRORS[case]):
+        ZERO_WIDTH_CALLS[case]()
+
+
+def _raw_topk_state(num_queries, heads, k):
+    keys = torch.full((num_queries, heads, k), float("-inf"))
+    indices = torch.full((num_queries, heads, k), PAD_INDEX, dtype=torch.int64)
+    return keys, indices, keys.clone(), indices.clone()
+
+
+def test_raw_merge_ops_refuse_zero_width():
+    """The merge operators check widths themselves: direct callers bypass the Python front."""
+    ops, lim, f64 = torch.ops.metaclm_ext, torch.full((5,), 30), torch.float64
+    for queries in (torch.randn(5, 1, 0), torch.randn(5, 0, 4)):  # head_dim 0, no heads
+        with pytest.raises(ValueError, match=r"queries heads and head_dim must be >= 1, got \[Q, H, Dh\] = \[5, "):
+            ops.history_topk_merge(queries, torch.randn(30, 0), 0, lim, *_raw_topk_state(5, queries.shape[1], 1))
+    with pytest.raises(ValueError, match=r"queries heads and head_dim must be >= 1"):
+        ops.history_label_mass_merge(torch.randn(5, 1, 0), torch.randn(30, 0), torch.zeros(30, dtype=torch.int64), 0,
+                                     lim, torch.zeros(3, 0, dtype=f64), torch.zeros(5, 1, 3, dtype=f64))
+    with pytest.raises(ValueError, match=r"errors width must be >= 1, got 0"):
+        ops.dual_form_apply_merge(torch.randn(5, 4), torch.randn(30, 4), torch.randn(30, 0), 0, lim,
+                                  torch.zeros(0, 4, dtype=f64), torch.zeros(5, 0, dtype=f64))
+    with pytest.raises(ValueError, match=r"inputs width must be >= 1, got 0"):
+        ops.dual_form_apply_merge(torch.randn(5, 0), torch.randn(30, 0), torch.randn(30, 3), 0, lim,
+                                  torch.zeros(3, 0, dtype=f64), torch.zeros(5, 3, dtype=f64))
+
+
+def test_raw_topk_merge_refuses_an_empty_state():
+    """A state of k = 0 entries once segfaulted: the threads seed their floors from its first entry."""
+    with pytest.raises(ValueError, match=r"top_keys must be \[Q, H, k\] with k >= 1, got \[3, 2, 0\]"):
+        torch.ops.metaclm_ext.history_topk_merge(Q, H, 0, torch.full((3,), 50), *_raw_topk_state(3, 2, 0))
+
+
+RAW_MERGE_ARGS = {  # a valid call of each merge operator but for its row_offset (-5)
+    "history_topk_merge": lambda: (Q, H, -5, torch.full((3,), 50), *_raw_topk_state(3, 2, 4)),
+    "history_label_mass_merge": lambda: (Q, H, torch.zeros(50, dtype=torch.int64), -5, torch.full((3,), 50),
+                                         torch.zeros(4, 8, dtype=torch.float64), torch.zeros(3, 2, 4, dtype=torch.float64)),
+    "dual_form_apply_merge": lambda: (torch.randn(3, 8), H, torch.randn(50, 6), -5, torch.full((3,), 50),
+                                      torch.zeros(6, 8, dtype=torch.float64), torch.zeros(3, 6, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(RAW_MERGE_ARGS))
+def test_raw_merge_ops_refuse_a_negative_row_offset(op):
+    """A negative row_offset once gave negative row indices (and label rows outside the chunk)."""
+    with pytest.raises(ValueError, match=r"row_offset must be >= 0, got -5"):
+        getattr(torch.ops.metaclm_ext, op)(*RAW_MERGE_ARGS[op]())
 
 
 def test_tensor_rows_needs_a_cpu_tensor():

@@ -14,6 +14,10 @@ from helpers import requires_cuda
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu")))
+# Every source of a CPU-only build besides the schemas: the CPU kernels and the device-independent code.
+HOST_SOURCES = sorted(
+    glob.glob(os.path.join(REPO, "csrc", "cpu", "*.cpp")) + glob.glob(os.path.join(REPO, "csrc", "common", "*.cpp"))
+)
 
 
 def _topk_args(gen, device="cpu"):
@@ -108,7 +112,7 @@ def test_cuda_glue_syntax(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-@pytest.mark.parametrize("source", sorted(glob.glob(os.path.join(REPO, "csrc", "cpu", "*.cpp"))), ids=os.path.basename)
+@pytest.mark.parametrize("source", HOST_SOURCES, ids=os.path.basename)
 def test_cpu_kernels_compile_without_native_isa(source):
     """The build uses -march=native (METACLM_PORTABLE=1 drops it), and the CPU kernels have AVX-512 and
     F16C paths with fallbacks: check that the fallbacks compile for plain x86-64 as well."""

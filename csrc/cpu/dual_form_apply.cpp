@@ -1,37 +1,35 @@
-// CPU kernel of dual_form_apply:  out[q] = sum_{t < limit[q]} errors[t] <inputs[t], queries[q]>.
-// By linearity this is (sum_{t < limit[q]} errors[t] (x) inputs[t]) queries[q]: the stream accumulates
-// the weight change of the layer (fp64 [D_out, D_in], blocks of rows multiplied in fp32)
-// and applies it to each query when it passes the query's limit. Work is O(N * D_in * D_out) whatever
-// the number of queries, and the accumulation in fp64 keeps the exact-reconstruction check honest.
+// CPU kernel of dual_form_apply: the accumulation of row products under the device-agnostic merge
+// (csrc/common/dual_form_merge.h), with every row checked for NaN/Inf while it is in cache.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <limits>
 #include <mutex>
 
-#include "rows.h"
+#include "../common/checks.h"
+#include "../common/dual_form_merge.h"
+#include "row_readers.h"
 
 namespace metaclm {
 namespace {
-
-constexpr int64_t kGemmRows = 8192;  // rows summed in fp32 (a unit) before adding into the fp64 accumulator
 
 // A CPU thread's fp32 product of one unit: blocks of rows are staged as fp32 (and checked for NaN/Inf
 // while in cache), then multiplied into `sum` = errors^T inputs of the unit so far.
 //
 // With AVX-512 the product is a register-tiled rank update (6 x 64 tiles of the sum in 24 zmm
 // accumulators; per row, 4 loads of inputs and 6 broadcasts of errors feed 24 FMAs) over blocks of 64
-// rows that stay in L1, on 64-byte aligned buffers padded to whole tiles: 145-150 GFLOP/s on one core
-// of this project's Xeon (peak 179), where ATen's GEMM (MKL) took 136 at its best depth, 512 rows,
-// before staging, and packed its operands on every call. For sums larger than L2 holds (use_tiles),
-// and without AVX-512, ATen's GEMM multiplies 512-row blocks.
+// rows that stay in L1, on 64-byte aligned buffers padded to whole tiles: near the FMA units' peak,
+// where ATen's GEMM packs its operands on every call (timings in the commit history). For sums larger
+// than L2 holds (use_tiles), and without AVX-512, ATen's GEMM multiplies 512-row blocks.
 class UnitProduct {
  public:
   UnitProduct(int64_t d_out, int64_t d_in)
       : d_out_(d_out), d_in_(d_in), tiled_(use_tiles(d_out, d_in)), block_rows_(tiled_ ? kTileBlockRows : kGemmBlockRows),
         ld_e_(tiled_ ? round_up(d_out, kTileRows) : d_out), ld_x_(tiled_ ? round_up(d_in, kTileCols) : d_in) {
-    // The CPU allocator aligns to 64 bytes, and rows of whole tiles keep every row aligned (unaligned
-    // buffers ran the tiles at 100 GFLOP/s instead of 150).
+    // The CPU allocator aligns to 64 bytes, and rows of whole tiles keep every row aligned: the tiles'
+    // 512-bit loads run at full speed only when aligned.
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     // Zeros: the padding is never written, and must not hold denormals or NaN that the tiles multiply.
     staged_e_ = at::zeros({block_rows_, ld_e_}, f32);
@@ -86,9 +84,8 @@ class UnitProduct {
   static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
   // Tiles while the unit's sum stays in L2: every 64-row block loads and stores the whole sum, which
-  // for wider layers outruns the cache, where the GEMM's own blocking does not (2 threads, fp16 rows:
-  // 128 x 128 tiles 213-230 against GEMM 176-187 GFLOP/s, 256 x 256 207-224 against 197-207,
-  // 512 x 256 alike, 384 x 384 210-224 against 229-240, 1024 x 256 165-178 against 196-198).
+  // for wider layers outruns the cache, where the GEMM's own blocking does not (the 256 KB crossover
+  // was timed: commit history).
   static bool use_tiles(int64_t d_out, int64_t d_in) {
 #if defined(__AVX512F__)
     return round_up(d_out, kTileRows) * round_up(d_in, kTileCols) * static_cast<int64_t>(sizeof(float)) <= kMaxTiledSumBytes;
@@ -112,7 +109,7 @@ class UnitProduct {
         int64_t j = 0;
 #if defined(__AVX512F__)
         // 16 at a time, checked after the conversion (NaN and Inf stay NaN and Inf in fp32): one pass
-        // where row_is_finite then row_to_float took two, 2-3% of the whole op at 1M fp16 rows of 128
+        // over the row where row_is_finite then row_to_float take two
         const __m512i exponent = _mm512_set1_epi32(0x7f800000);
         __mmask16 special = 0;
         for (; j + 16 <= d; j += 16) {
@@ -173,106 +170,45 @@ class UnitProduct {
 };
 
 // Adds errors[begin:end]^T inputs[begin:end] into weight_delta (fp64 [D_out, D_in]) in units of
-// kGemmRows rows: a unit's product is summed in fp32, units are added in fp64.
-// * CPU: threads take whole units (so each unit's fp32 sum, and the result up to fp64 rounding, does
-//   not depend on the number of threads), each with its own UnitProduct. Every row is checked for
-//   NaN/Inf while it is in cache; the first bad row (inputs before errors on the same row) is raised after.
-// * GPU: one device GEMM per unit; a check per block would cost a device sync, so the caller checks
-//   the chunk once up front.
-struct WeightDeltaAccumulator {
-  const at::Tensor& inputs;
-  const at::Tensor& errors;
-  int64_t row_offset;
-  at::Tensor& weight_delta;
-
-  void add(int64_t begin, int64_t end) {
-    if (begin >= end) return;
-    if (!inputs.is_cpu()) {
-      for (int64_t b = begin; b < end; b += kGemmRows) {
-        const int64_t e = std::min(end, b + kGemmRows);
-        weight_delta.add_(at::mm(errors.slice(0, b, e).to(at::kFloat).t(), inputs.slice(0, b, e).to(at::kFloat)));
+// kDualFormUnitRows rows: a unit's product is summed in fp32, units are added in fp64. Threads take
+// whole units (so each unit's fp32 sum, and the result up to fp64 rounding, does not depend on the
+// number of threads), each with its own UnitProduct. Every row is checked for NaN/Inf while it is in
+// cache; the first bad row (inputs before errors on the same row) is raised after.
+void add_row_products_cpu(const at::Tensor& inputs, const at::Tensor& errors, int64_t row_offset, int64_t begin,
+                          int64_t end, at::Tensor& weight_delta) {
+  constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
+  const auto x_all = inputs.contiguous(), e_all = errors.contiguous();  // the row checks assume [n, d]
+  std::atomic<int64_t> bad_input{kNoRow}, bad_error{kNoRow};
+  std::mutex add_mutex;
+  at::parallel_for(0, (end - begin + kDualFormUnitRows - 1) / kDualFormUnitRows, 1, [&](int64_t u_begin, int64_t u_end) {
+    UnitProduct unit(e_all.size(1), x_all.size(1));
+    at::Tensor thread_sum = at::zeros_like(weight_delta);
+    for (int64_t u = u_begin; u < u_end; ++u) {
+      const int64_t unit_end = std::min(end, begin + (u + 1) * kDualFormUnitRows);
+      unit.zero();
+      for (int64_t b = begin + u * kDualFormUnitRows; b < unit_end; b += unit.block_rows()) {
+        const int64_t e = std::min(unit_end, b + unit.block_rows());
+        if (!unit.add_block(e_all, x_all, b, e, bad_error, bad_input)) return;  // raised below
       }
-      return;
+      thread_sum.add_(unit.sum());
     }
-    const auto x_all = inputs.contiguous(), e_all = errors.contiguous();  // the row checks assume [n, d]
-    std::atomic<int64_t> bad_input{kNoRow}, bad_error{kNoRow};
-    std::mutex add_mutex;
-    at::parallel_for(0, (end - begin + kGemmRows - 1) / kGemmRows, 1, [&](int64_t u_begin, int64_t u_end) {
-      UnitProduct unit(e_all.size(1), x_all.size(1));
-      at::Tensor thread_sum = at::zeros_like(weight_delta);
-      for (int64_t u = u_begin; u < u_end; ++u) {
-        const int64_t unit_end = std::min(end, begin + (u + 1) * kGemmRows);
-        unit.zero();
-        for (int64_t b = begin + u * kGemmRows; b < unit_end; b += unit.block_rows()) {
-          const int64_t e = std::min(unit_end, b + unit.block_rows());
-          if (!unit.add_block(e_all, x_all, b, e, bad_error, bad_input)) return;  // raised below
-        }
-        thread_sum.add_(unit.sum());
-      }
-      std::lock_guard<std::mutex> guard(add_mutex);
-      weight_delta.add_(thread_sum);
-    });
-    const int64_t bad = std::min(bad_input.load(), bad_error.load());
-    TORCH_CHECK_VALUE(bad == kNoRow, bad == bad_input.load() ? "inputs" : "errors", " row ", row_offset + bad,
-                      " contains NaN or Inf");
-  }
-
- private:
-  static constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
-};
+    std::lock_guard<std::mutex> guard(add_mutex);
+    weight_delta.add_(thread_sum);
+  });
+  const int64_t bad = std::min(bad_input.load(), bad_error.load());
+  TORCH_CHECK_VALUE(bad == kNoRow, bad == bad_input.load() ? "inputs" : "errors", " row ", row_offset + bad,
+                    " contains NaN or Inf");
+}
 
 std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_cpu(const at::Tensor& queries, const at::Tensor& inputs,
                                                              const at::Tensor& errors, int64_t row_offset,
                                                              const at::Tensor& limit, const at::Tensor& weight_delta,
                                                              const at::Tensor& out) {
-  return dual_form_apply_merge_any(queries, inputs, errors, row_offset, limit, weight_delta, out, &check_finite_rows);
+  check_dual_form_merge_args(queries, inputs, errors, row_offset, limit, weight_delta, out);
+  return dual_form_apply_merge_any(queries, inputs, errors, row_offset, limit, weight_delta, out, &add_row_products_cpu);
 }
 
 }  // namespace
-
-std::tuple<at::Tensor, at::Tensor> dual_form_apply_merge_any(const at::Tensor& queries, const at::Tensor& inputs,
-                                                             const at::Tensor& errors, int64_t row_offset,
-                                                             const at::Tensor& limit, const at::Tensor& weight_delta,
-                                                             const at::Tensor& out, FiniteRowCheck check_finite) {
-  TORCH_CHECK_VALUE(queries.dim() == 2 && queries.scalar_type() == at::kFloat, "queries must be float32 [Q, D_in]");
-  check_history(inputs, "inputs");
-  check_history(errors, "errors");
-  const int64_t nq = queries.size(0), d_in = queries.size(1);
-  const int64_t n = inputs.size(0);
-  TORCH_CHECK_VALUE(inputs.size(1) == d_in, "inputs width ", inputs.size(1), " != queries width ", d_in);
-  TORCH_CHECK_VALUE(errors.size(0) == n, "errors has ", errors.size(0), " rows, inputs has ", n);
-  const int64_t d_out = errors.size(1);
-  check_limit(limit, nq);
-  TORCH_CHECK_VALUE(weight_delta.scalar_type() == at::kDouble && weight_delta.dim() == 2 &&
-                        weight_delta.size(0) == d_out && weight_delta.size(1) == d_in,
-                    "weight_delta must be float64 [D_out, D_in]");
-  TORCH_CHECK_VALUE(out.scalar_type() == at::kDouble && out.dim() == 2 && out.size(0) == nq && out.size(1) == d_out,
-                    "out must be float64 [Q, D_out]");
-
-  auto delta = weight_delta.contiguous().clone();
-  auto result = out.contiguous().clone();
-  auto lim = limit.to(at::kCPU).contiguous();  // breakpoints are planned on the host
-  const int64_t* limp = lim.data_ptr<int64_t>();
-  const Breakpoints bp = breakpoints_in_chunk(lim, row_offset, n);
-  auto q64 = queries.to(at::kDouble);
-  if (!inputs.is_cpu()) {
-    check_finite(inputs, row_offset, "inputs");
-    check_finite(errors, row_offset, "errors");
-  }
-  WeightDeltaAccumulator accumulate{inputs, errors, row_offset, delta};
-  int64_t done = 0;
-  for (int64_t o = bp.begin; o < bp.end; ++o) {
-    const int64_t qi = bp.order[o];
-    const int64_t stop = limp[qi] - row_offset;
-    if (stop > done) {
-      accumulate.add(done, stop);
-      done = stop;
-    }
-    result[qi].copy_(at::mv(delta, q64[qi]));
-  }
-  accumulate.add(done, n);
-  return {delta, result};
-}
 
 TORCH_LIBRARY_IMPL(metaclm_ext, CPU, m) { m.impl("dual_form_apply_merge", &dual_form_apply_merge_cpu); }
 

@@ -6,29 +6,32 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <mutex>
 #include <type_traits>
+#include <vector>
 
-#include "rows.h"
+#include "../common/checks.h"
+#include "../common/limit_breakpoints.h"
+#include "row_readers.h"
 
 namespace metaclm {
 namespace {
 
-// Rows summed per label in fp32 before the sums go into fp64: with 280 labels of 64 dimensions the fp32
-// table (72 KB) takes half the cache traffic of an fp64 one and no fp32-to-fp64 conversion per element
-// (measured on this project's 2-core Xeon, 1M fp16 rows: 7.0 ms against 11.0 ms for an fp64 table, a
-// plain read of the rows 6.2 ms). The error of a unit's fp32 sum is at most (kUnitRows - 1) * 2^-24
-// times the sum of its |elements|, as in dual_form_apply's units.
+// Rows summed per label in fp32 before the sums go into fp64: an fp32 table takes half the cache
+// traffic of an fp64 one and no fp32-to-fp64 conversion per element. The error of a unit's fp32 sum is
+// at most (kUnitRows - 1) * 2^-24 times the sum of its |elements|, as in dual_form_apply's units.
+// (This constant and the two below were set by timings: benchmarks/results/cpu.json, commit history.)
 constexpr int64_t kUnitRows = 8192;
 // Each unit ends by adding the sums of the labels it touched into fp64, up to min(L, kUnitRows) rows of
-// work: past a quarter of the unit's rows, rows go straight into the fp64 sums (2 threads, fp16 rows:
-// D = 64 with 2048 labels 14.0-14.9 ms either way, with 4000 labels fp64 21-22 against 23-25 ms, with
-// 50000 fp64 84 against 130 ms; D = 768 with 700 labels fp32 24 against 27 ms).
+// work: past a quarter of the unit's rows that costs more than it saves, and rows go straight into the
+// fp64 sums.
 constexpr int64_t kMaxUnitLabels = kUnitRows / 4;
-// Rows are prefetched this far ahead of the one being added: with the hardware prefetcher alone the
-// stream ran about 10% slower (1M fp16 rows of 64, 280 labels; 2 to 8 KB ahead measured alike).
+// Rows are prefetched this far ahead of the one being added: the hardware prefetcher alone leaves the
+// stream waiting on memory.
 constexpr int64_t kPrefetchBytes = 4096;
 
 // Adds a row of d elements into dst[0, d) (fp32 or fp64); scratch holds d floats.
@@ -163,9 +166,7 @@ void accumulate_rows(const T* rows, const int64_t* labels, int64_t begin, int64_
 }
 
 // Labels read out at a time: their slice of the transposed sums (D x block fp64) stays in L2 while
-// every query of a thread reads it. Query by query, each query streamed all the sums (measured before
-// heads of 16 or more went to the GEMMs: 50 queries of 1 x 64 over 50000 labels, the whole call at
-// 1M rows 97-110 -> 71 ms).
+// every query of a thread reads it, where query by query each query would stream all the sums.
 constexpr int64_t kReadOutBlockBytes = 256 << 10;
 // Labels summed at once in registers (4 AVX-512 vectors of fp64: enough independent FMAs to hide
 // their latency), so a label's mass is stored once rather than loaded and stored per dimension.
@@ -226,9 +227,7 @@ void read_out_by_gemm(const at::Tensor& sums, const at::Tensor& queries, const i
 
 // The read-out of the queries ids[0, count) at the current sums. Heads of 16 or more dimensions take
 // the GEMMs, short heads such as the attention's 8 x 8 the loop over labels, where a GEMM multiplies
-// 8-long vectors (Q = 200, 280 labels: dh = 8 0.43 ms by labels against 0.63 by GEMM, Q = 3600 20
-// against 41 ms; dh = 16 0.80-0.84 against 0.74-0.79; dh = 32 0.76 against 0.48; 12 heads of 64 over
-// 5000 labels 138-144 against 93-95; 768 dimensions over 50000 labels, Q = 50: 800 against 470 ms).
+// 8-long vectors (the crossover, timed, is in the commit history).
 void read_out(const at::Tensor& sums, const at::Tensor& queries, const int64_t* ids, int64_t count, double* mass) {
   const int64_t nh = queries.size(1), dh = queries.size(2);
   if (dh >= 16) {
@@ -241,7 +240,7 @@ void read_out(const at::Tensor& sums, const at::Tensor& queries, const int64_t* 
 std::tuple<at::Tensor, at::Tensor> history_label_mass_merge_cpu(
     const at::Tensor& queries, const at::Tensor& history, const at::Tensor& labels, int64_t row_offset,
     const at::Tensor& limit, const at::Tensor& label_sums, const at::Tensor& mass) {
-  const int64_t num_labels = check_label_mass_merge_args(queries, history, labels, limit, label_sums, mass);
+  const int64_t num_labels = check_label_mass_merge_args(queries, history, labels, row_offset, limit, label_sums, mass);
   const int64_t n = history.size(0), d = history.size(1);
   auto lab = labels.contiguous();
   const int64_t* lp = lab.data_ptr<int64_t>();

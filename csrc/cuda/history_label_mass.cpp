@@ -1,8 +1,9 @@
 // CUDA glue of history_label_mass_merge: the host plans the limit breakpoints (as on the CPU), the
-// kernels in label_mass_kernel.cu accumulate the label sums between breakpoints and read them out.
+// kernels in history_label_mass_kernel.cu accumulate the label sums between breakpoints and read them out.
 #include <torch/library.h>
 
-#include "../cpu/rows.h"
+#include "../common/checks.h"
+#include "../common/limit_breakpoints.h"
 #include "glue.h"
 
 namespace metaclm {
@@ -13,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> history_label_mass_merge_cuda(
     const at::Tensor& limit, const at::Tensor& label_sums, const at::Tensor& mass) {
   check_same_device(queries, {{"history", history}, {"labels", labels}, {"limit", limit},
                               {"label_sums", label_sums}, {"mass", mass}});
-  const int64_t num_labels = check_label_mass_merge_args(queries, history, labels, limit, label_sums, mass);
+  const int64_t num_labels = check_label_mass_merge_args(queries, history, labels, row_offset, limit, label_sums, mass);
   const int64_t nh = queries.size(1), dh = queries.size(2);
   const int64_t n = history.size(0), d = history.size(1);
   c10::cuda::CUDAGuard guard(queries.device());

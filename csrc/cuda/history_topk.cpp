@@ -1,7 +1,7 @@
 // CUDA glue of history_topk_merge: checks, allocation, launch (kernels in history_topk_kernel.cu).
 #include <torch/library.h>
 
-#include "../cpu/rows.h"
+#include "../common/checks.h"
 #include "glue.h"
 
 namespace metaclm {
@@ -13,11 +13,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> history_topk_merge_cu
     const at::Tensor& last_indices) {
   check_same_device(queries, {{"history", history}, {"limit", limit}, {"top_keys", top_keys},
                               {"top_indices", top_indices}, {"last_keys", last_keys}, {"last_indices", last_indices}});
-  const int64_t k = check_topk_merge_args(queries, history, limit, top_keys, top_indices, last_keys, last_indices);
+  const int64_t k =
+      check_topk_merge_args(queries, history, row_offset, limit, top_keys, top_indices, last_keys, last_indices);
   const int64_t nq = queries.size(0), nh = queries.size(1), dh = queries.size(2);
   const int64_t n = history.size(0);
   c10::cuda::CUDAGuard guard(queries.device());
-  if (n == 0 || nq * nh == 0 || k == 0) {
+  if (n == 0 || nq == 0) {
     return {top_keys.clone(), top_indices.clone(), last_keys.clone(), last_indices.clone()};
   }
   TORCH_CHECK_VALUE(n <= INT32_MAX, "history chunk of ", n, " rows is too long for the CUDA kernel (at most 2^31 - 1); "

@@ -4,8 +4,8 @@
 #include "emu.h"
 
 #include "history_topk_kernel.cu"
-#include "label_mass_kernel.cu"
-#include "rows_kernel.cu"
+#include "check_finite_rows_kernel.cu"
+#include "history_label_mass_kernel.cu"
 
 using namespace metaclm::cuda;
 

@@ -1,4 +1,4 @@
-// CUDA NaN/Inf row check shared by the glue (see glue.h).
+// CUDA glue of the NaN/Inf row check (kernel in check_finite_rows_kernel.cu), used by dual_form_apply.
 #include "glue.h"
 
 namespace metaclm {

@@ -1,9 +1,11 @@
-#include "rows.h"
-
+// The CPU NaN/Inf row check that names the first bad row (see row_readers.h).
 #include <ATen/Parallel.h>
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
+
+#include "row_readers.h"
 
 namespace metaclm {
 
