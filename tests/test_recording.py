@@ -279,6 +279,18 @@ def test_bias_with_another_lr_is_marked_not_exact(tmp_path):
                                 "or another gradient scaling)"]
 
 
+def test_gradient_changed_by_more_than_one_factor_is_marked_not_exact(tmp_path):
+    model = Tagger()
+    recorder = HistoryRecorder(model, tmp_path / "h", modules=["net.4"], targets_from=lambda a, kw: kw["targets"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**tagger_micro_batch(torch.Generator().manual_seed(0)))["loss"].backward()
+    limit = float(model.net[4].weight.grad.abs().median())
+    torch.nn.utils.clip_grad_value_(model.parameters(), limit)
+    recorder.step(opt)
+    recorder.close()
+    assert recorder.reasons[0].startswith("net.4's gradient was changed by more than one factor")
+
+
 def test_step_with_non_finite_gradients_is_dropped(tmp_path):
     model = Tagger()
     recorder = HistoryRecorder(model, tmp_path / "h", modules=["net.4"], targets_from=lambda a, kw: kw["targets"])
@@ -287,6 +299,10 @@ def test_step_with_non_finite_gradients_is_dropped(tmp_path):
     model.net[4].weight.grad[0, 0] = float("inf")  # what a grad scaler finds before it skips the step
     with pytest.warns(UserWarning, match="not finite"):
         assert recorder.step(opt) is None
+    opt.zero_grad()
+    model(**tagger_micro_batch(torch.Generator().manual_seed(0)))["loss"].backward()
+    with pytest.warns(UserWarning, match="not finite"):  # finite gradients, errors beyond float16's range
+        assert recorder.step(torch.optim.SGD(model.parameters(), lr=1e9)) is None
     recorder.close()
     assert len(HistoryStore(tmp_path / "h")) == 0 and recorder.next_step == 0
 

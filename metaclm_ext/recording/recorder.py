@@ -7,8 +7,8 @@ row holds its input x_t and (``errors=True``) its error signal
 
 lr the learning rate of the param group holding the module's weight at the step, and c the factor by
 which the weight's gradient was scaled in place between the last backward and the optimizer step
-(gradient clipping, a grad scaler's unscaling). c is measured, not told: the norm of the gradient after
-each backward (a post-accumulate-grad hook) against its norm at :meth:`HistoryRecorder.step`. The raw
+(gradient clipping, a grad scaler's unscaling). c is measured, not told: a sample of the gradient noted
+after each backward (a post-accumulate-grad hook) against the same entries at :meth:`HistoryRecorder.step`. The raw
 dL/dy of every micro-batch already carries the loss's 1/accumulation scaling, so for plain SGD
 
     W_T = W_0 + sum_t e_t x_t^T  (nn.Linear, W [out, in]),   W_T = W_0 + sum_t x_t e_t^T  (Conv1D, W [in, out]),
@@ -56,6 +56,7 @@ from .. import HistoryStore, HistoryWriter
 from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights, write_status
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
+from .scaling import grad_sample, is_one_factor, scale_fit
 from .rows import BASE_COLUMNS, MicroBatchRows, labels_as_targets, micro_batch_rows
 
 FORMAT_VERSION = 1
@@ -155,7 +156,7 @@ class HistoryRecorder:
         self._pending: list[_MicroBatch] = []
         self._current: Optional[_MicroBatch] = None
         self._explicit: Optional[dict] = None  # what capture() was given for the micro-batch it wraps
-        self._noted: dict[int, torch.Tensor] = {}  # id(param) -> fp64 norm of its grad after the last backward
+        self._noted: dict[int, torch.Tensor] = {}  # id(param) -> sample of its grad after the last backward
         self._copies: list = []  # CUDA events of the pending non-blocking copies
         self._handles = [model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)]
         for spec in self.specs:
@@ -287,7 +288,7 @@ class HistoryRecorder:
             batch.dropped_max[spec.name] = dropped if previous is None else torch.maximum(previous, dropped.to(previous))
 
     def _note_grad(self, param: torch.Tensor) -> None:
-        self._noted[id(param)] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
+        self._noted[id(param)] = grad_sample(param.grad)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cuda":
@@ -323,32 +324,44 @@ class HistoryRecorder:
         self._copies = []
         scales = self._error_scales(opt, batches) if self.errors else {}
         self._noted = {}
-        if scales is None:
+        rows = self._rows(batches, number, scales) if scales is not None else None
+        if rows is None:
+            warnings.warn("HistoryRecorder: a recorded gradient is not finite; the step's rows are dropped (a grad "
+                          "scaler skips this optimizer step)")
             return None
-        rows = {c: [] for c in (*BASE_COLUMNS, *self.user_columns)}
-        for index, batch in enumerate(batches):
-            n = len(batch.rows.kept)
-            rows["step"].append(torch.full((n,), number, dtype=torch.long))
-            rows["micro_batch"].append(torch.full((n,), index, dtype=torch.long))
-            rows["sequence"].append(batch.rows.columns["sequence"] + self._next_sequence)
-            self._next_sequence += batch.rows.batch_size
-            for name in ("position", "token", "target", *self.user_columns):
-                rows[name].append(batch.rows.columns[name])
-        out = {name: torch.cat(parts) for name, parts in rows.items()}
-        for spec in self.specs:
-            out[spec.input_field] = torch.cat([b.inputs[spec.name] for b in batches])
-            if self.errors:
-                grads = [torch.stack(b.grads[spec.name]).sum(0) if len(b.grads[spec.name]) > 1
-                         else b.grads[spec.name][0] for b in batches]
-                out[spec.error_field] = torch.cat(grads).double() * scales[spec.name]
-        self.writer.append(out)
+        self.writer.append(rows)
         self.writer.flush()
         self._last_step = number
+        self._next_sequence += sum(b.rows.batch_size for b in batches)
         return number
+
+    def _rows(self, batches: list[_MicroBatch], number: int, scales: dict[str, float]) -> Optional[dict]:
+        """The step's rows, e_t scaled in fp64 and cast to the store's type; None if an error is not finite
+        in that type."""
+        columns = {c: [] for c in (*BASE_COLUMNS, *self.user_columns)}
+        sequence = self._next_sequence
+        for index, batch in enumerate(batches):
+            n = len(batch.rows.kept)
+            columns["step"].append(torch.full((n,), number, dtype=torch.long))
+            columns["micro_batch"].append(torch.full((n,), index, dtype=torch.long))
+            columns["sequence"].append(batch.rows.columns["sequence"] + sequence)
+            sequence += batch.rows.batch_size
+            for name in ("position", "token", "target", *self.user_columns):
+                columns[name].append(batch.rows.columns[name])
+        rows = {name: torch.cat(parts) for name, parts in columns.items()}
+        for spec in self.specs:
+            rows[spec.input_field] = torch.cat([b.inputs[spec.name] for b in batches])
+            if self.errors:
+                grads = [sum(b.grads[spec.name][1:], b.grads[spec.name][0]) for b in batches]
+                errors = torch.cat(grads).double() * scales[spec.name]
+                if not bool(errors.abs().amax() <= torch.finfo(self._dtype).max):  # NaN fails too
+                    return None
+                rows[spec.error_field] = errors.to(self._dtype)
+        return rows
 
     def _error_scales(self, opt: torch.optim.Optimizer, batches: list[_MicroBatch]) -> Optional[dict[str, float]]:
         """{module: -(lr * c)} (or -lr where the update is not plain SGD), updating the exactness status;
-        None when a gradient is not finite."""
+        None when a gradient sample is not finite."""
         groups = param_groups_by_id(opt)
         measured: list[torch.Tensor] = []
         for spec in self.specs:
@@ -363,20 +376,20 @@ class HistoryRecorder:
                 if param.grad is None or id(param) not in self._noted:
                     raise RuntimeError(f"{spec.name}'s gradient is gone (zero_grad before step()?): call "
                                        "recorder.step(optimizer) right before optimizer.step()")
-                now = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
-                measured += [now, self._noted[id(param)]]
+                measured += list(scale_fit(self._noted[id(param)], grad_sample(param.grad)))
             measured += [b.dropped_max[spec.name] for b in batches if spec.name in b.dropped_max]
         values = iter(_host_floats(measured))
         scales, reasons, raw = {}, [], False
         for spec in self.specs:
             coefficients, lrs = [], []
             for param in self._params(spec):
-                now, noted = next(values), next(values)
-                if not math.isfinite(now):
-                    warnings.warn(f"HistoryRecorder: {spec.name}'s gradient is not finite; the step's rows are "
-                                  "dropped (a grad scaler skips this optimizer step)")
+                c, residual = next(values), next(values)
+                if not (math.isfinite(c) and math.isfinite(residual)):
                     return None
-                coefficients.append(now / noted if noted > 0 else 1.0)
+                if not is_one_factor(residual, param.grad.dtype):
+                    reasons.append(f"{spec.name}'s gradient was changed by more than one factor between the last "
+                                   "backward and the step (e.g. clip_grad_value_)")
+                coefficients.append(c)
                 lrs.append(learning_rate(groups[id(param)]))
             dropped = [next(values) for b in batches if spec.name in b.dropped_max]
             reason = not_plain_sgd(opt, groups[id(spec.module.weight)])
