@@ -37,9 +37,10 @@ too, which is how :class:`~metaclm_ext.recording.trainer.HistoryCallback` record
 ``transformers.Trainer``. Forwards with grad disabled (evaluation) are ignored.
 
 Memory is bounded by one step: rows are masked to the trained positions and copied off the device as the
-hooks fire (pinned, non-blocking copies on CUDA), kept until :meth:`HistoryRecorder.step`, appended in one
-batch and committed with that step, so a recording resumed after a crash (``resume=True``) continues after
-the last committed step.
+hooks fire (pinned, non-blocking copies on CUDA), kept until :meth:`HistoryRecorder.step` and appended
+there in one batch (the store buffers at most one shard). Every ``commit_every`` steps, and at
+:meth:`HistoryRecorder.commit`, the store is committed, so a recording resumed after a crash
+(``resume=True``) continues after the last commit; resume the training from the checkpoint saved with it.
 """
 from __future__ import annotations
 
@@ -101,18 +102,24 @@ class HistoryRecorder:
     metadata columns {name: "int64"|"int32"}, given per micro-batch to :meth:`capture`. ``shard_rows``:
     rows per store shard (default: about 64 MiB of rows). ``attrs``: extra JSON run information for the
     store. ``targets_from(args, kwargs)`` gives a training forward's targets when :meth:`capture` does not
-    (default: the shifted HF ``labels``). ``resume=True`` continues an existing recording (same fields and
-    modules) after its last committed step; otherwise ``path`` must not hold a store yet.
+    (default: the shifted HF ``labels``). ``commit_every``: steps per commit (each commit fsyncs a file per
+    field and column; :meth:`commit` commits at any step, as :class:`HistoryCallback` does at every
+    checkpoint). ``resume=True`` continues an existing recording (same fields and modules) after its last
+    commit; otherwise ``path`` must not hold a store yet.
     """
 
     def __init__(self, model: torch.nn.Module, path: Union[str, Path], modules: Selector, *, errors: bool = True,
                  dtype: str = "float16", columns: Optional[Mapping[str, str]] = None,
-                 attrs: Optional[Mapping] = None, shard_rows: Optional[int] = None, resume: bool = False,
+                 attrs: Optional[Mapping] = None, shard_rows: Optional[int] = None, commit_every: int = 1,
+                 resume: bool = False,
                  targets_from: Callable[[tuple, dict], Optional[torch.Tensor]] = labels_as_targets):
         if dtype not in FIELD_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(FIELD_DTYPES)}, got {dtype!r}")
         self.specs: list[ModuleSpec] = select_modules(model, modules)
+        if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every <= 0:
+            raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}")
         self.errors, self.path, self._targets_from = bool(errors), Path(path), targets_from
+        self.commit_every, self._uncommitted_steps = commit_every, 0
         self._dtype = FIELD_DTYPES[dtype]
         self.user_columns = dict(columns or {})
         clash = set(self.user_columns) & set(BASE_COLUMNS)
@@ -148,7 +155,8 @@ class HistoryRecorder:
             self.writer = HistoryWriter.create(self.path, fields, columns_spec, shard_rows=shard_rows,
                                                attrs={**attrs, "recording": recording})
             self.status = {"exact": True, "reasons": [], "optimizer": None,
-                           "errors": ERROR_DEFINITION if self.errors else None, "closed": False}
+                           "errors": ERROR_DEFINITION if self.errors else None, "committed_rows": 0,
+                           "closed": False}
             write_status(self.path, self.status)
         if not (self.path / WEIGHTS_START).exists():
             save_weights(self.path / WEIGHTS_START, self.specs)
@@ -174,12 +182,17 @@ class HistoryRecorder:
                              "and columns, or record into a new folder")
         if store.attrs.get("recording", {}).get("modules") != recording["modules"]:
             raise ValueError(f"the store at {self.path} recorded other modules: {store.attrs.get('recording')}")
-        n = len(store)
+        n, status = len(store), read_status(self.path)
+        if n != status["committed_rows"]:
+            raise ValueError(f"the store at {self.path} holds {n} rows but the recorder last committed "
+                             f"{status['committed_rows']}: it stopped between commits after the store had committed "
+                             "full shards on its own, so its last step may be partial; record into a new folder "
+                             "(or resume from a copy cut at the commit)")
         if n:
             self._last_step = int(store.read("step", n - 1, n)[0])
             self._next_sequence = int(store.read("sequence", n - 1, n)[0]) + 1
         writer = HistoryWriter.resume(self.path)
-        self.status = {**read_status(self.path), "closed": False}
+        self.status = {**status, "closed": False}
         write_status(self.path, self.status)
         return writer
 
@@ -330,10 +343,21 @@ class HistoryRecorder:
                           "scaler skips this optimizer step)")
             return None
         self.writer.append(rows)
-        self.writer.flush()
         self._last_step = number
         self._next_sequence += sum(b.rows.batch_size for b in batches)
+        self._uncommitted_steps += 1
+        if self._uncommitted_steps >= self.commit_every:
+            self.commit()
         return number
+
+    def commit(self) -> None:
+        """Commit the steps recorded so far: a recording resumed after a crash continues after them."""
+        self._check_open()
+        self.writer.flush()
+        self._uncommitted_steps = 0
+        if self.status["committed_rows"] != self.writer.committed_rows:
+            self.status = {**self.status, "committed_rows": self.writer.committed_rows}
+            write_status(self.path, self.status)
 
     def _rows(self, batches: list[_MicroBatch], number: int, scales: dict[str, float]) -> Optional[dict]:
         """The step's rows, e_t scaled in fp64 and cast to the store's type; None if an error is not finite
@@ -437,7 +461,8 @@ class HistoryRecorder:
         self._pending, self._current = [], None
         try:
             save_weights(self.path / WEIGHTS_END, self.specs)
-            self.status = {**self.status, "closed": True}
+            self.writer.flush()
+            self.status = {**self.status, "committed_rows": self.writer.committed_rows, "closed": True}
             write_status(self.path, self.status)
         finally:
             self.writer.close()
