@@ -8,22 +8,24 @@ row holds its input x_t and (``errors=True``) its error signal
 lr the learning rate of the param group holding the module's weight at the step, and c the factor by
 which the weight's gradient was scaled in place between the last backward and the optimizer step
 (gradient clipping, a grad scaler's unscaling). c is measured, not told: a sample of the gradient noted
-after each backward (a post-accumulate-grad hook) against the same entries at :meth:`HistoryRecorder.step`. The raw
-dL/dy of every micro-batch already carries the loss's 1/accumulation scaling, so for plain SGD
+after each backward (a post-accumulate-grad hook) is fitted to the same entries at
+:meth:`HistoryRecorder.step`. The raw dL/dy of every micro-batch already carries the loss's
+1/accumulation scaling, so for plain SGD
 
     W_T = W_0 + sum_t e_t x_t^T  (nn.Linear, W [out, in]),   W_T = W_0 + sum_t x_t e_t^T  (Conv1D, W [in, out]),
     b_T = b_0 + sum_t e_t
 
-over all recorded rows. Where that cannot hold (another optimizer, momentum or weight decay; a position
-that is not recorded but carries a nonzero error, as with prompt masking) the errors are -lr * dL/dy_t
-(for another optimizer) and ``recording.json`` in the store folder says ``exact: false`` with the reasons.
+over all recorded rows. Where that cannot hold, ``recording.json`` in the store folder says
+``exact: false`` with the reasons: another optimizer, momentum or weight decay (the errors are then
+-lr * dL/dy_t), a position that is not recorded but carries a nonzero error (prompt masking), a gradient
+changed by more than one factor, a bias stepped differently from its weight.
 
 Usage in a hand-written loop::
 
     recorder = HistoryRecorder(model, "runs/history", modules="llama")
     for batch in loader:
         for micro in split(batch):
-            with recorder.capture(targets=targets_from_labels(micro["labels"])):
+            with recorder.capture():      # targets from micro["labels"]; or capture(targets=...)
                 loss = model(**micro).loss / len(split(batch))
                 loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -36,9 +38,9 @@ Without ``capture()`` the recorder takes the targets from the model's forward ar
 too, which is how :class:`~metaclm_ext.recording.trainer.HistoryCallback` records under
 ``transformers.Trainer``. Forwards with grad disabled (evaluation) are ignored.
 
-Memory is bounded by one step: rows are masked to the trained positions and copied off the device as the
-hooks fire (pinned, non-blocking copies on CUDA), kept until :meth:`HistoryRecorder.step` and appended
-there in one batch (the store buffers at most one shard). Every ``commit_every`` steps, and at
+Memory is bounded by one step and one store shard: rows are masked to the trained positions and copied
+off the device as the hooks fire (pinned, non-blocking copies on CUDA), kept until
+:meth:`HistoryRecorder.step` and appended there in one batch. Every ``commit_every`` steps, and at
 :meth:`HistoryRecorder.commit`, the store is committed, so a recording resumed after a crash
 (``resume=True``) continues after the last commit; resume the training from the checkpoint saved with it.
 """
@@ -57,12 +59,12 @@ from .. import HistoryStore, HistoryWriter
 from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights, write_status
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
-from .scaling import grad_sample, is_one_factor, scale_fit
 from .rows import BASE_COLUMNS, MicroBatchRows, labels_as_targets, micro_batch_rows
+from .scaling import grad_sample, is_one_factor, scale_fit
 
 FORMAT_VERSION = 1
-# Each step's commit rewrites the store's open shard, so shards are sized by bytes (whatever the row
-# width): at most this much is rewritten per step besides the step's own rows.
+# A commit rewrites the store's open shard, so shards are sized by bytes (whatever the row width): at
+# most this much is rewritten per commit besides the new rows, and buffered in memory.
 SHARD_BYTES = 64 << 20
 MAX_SHARD_ROWS = 65536
 MANIFEST = "manifest.json"  # the file that makes a folder a history store (docs/history-store.md)
@@ -423,7 +425,8 @@ class HistoryRecorder:
                 continue
             scales[spec.name] = -lrs[0] * coefficients[0]
             # Reasons name no per-step numbers, so that each is recorded once, however many steps show it.
-            if len(lrs) == 2 and (lrs[1] != lrs[0] or abs(coefficients[1] - coefficients[0]) > SCALE_MISMATCH * coefficients[0]):
+            mismatch = abs(coefficients[-1] - coefficients[0]) > SCALE_MISMATCH * coefficients[0]
+            if len(lrs) == 2 and (lrs[1] != lrs[0] or mismatch):
                 reasons.append(f"{spec.name}'s bias gets another step size than its weight (another param group's "
                                "lr, or another gradient scaling)")
             if dropped and max(dropped) > 0:
