@@ -5,6 +5,9 @@ at most 1/1.1, so errors that ignored it would be off by 10 % or more), a decayi
 micro-batches per step, and then rebuilds each module's weight change from the store alone.
 """
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -279,6 +283,18 @@ def test_bias_with_another_lr_is_marked_not_exact(tmp_path):
                                 "or another gradient scaling)"]
 
 
+def test_gradient_changed_by_more_than_one_factor_is_marked_not_exact(tmp_path):
+    model = Tagger()
+    recorder = HistoryRecorder(model, tmp_path / "h", modules=["net.4"], targets_from=lambda a, kw: kw["targets"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**tagger_micro_batch(torch.Generator().manual_seed(0)))["loss"].backward()
+    limit = float(model.net[4].weight.grad.abs().median())
+    torch.nn.utils.clip_grad_value_(model.parameters(), limit)
+    recorder.step(opt)
+    recorder.close()
+    assert recorder.reasons[0].startswith("net.4's gradient was changed by more than one factor")
+
+
 def test_step_with_non_finite_gradients_is_dropped(tmp_path):
     model = Tagger()
     recorder = HistoryRecorder(model, tmp_path / "h", modules=["net.4"], targets_from=lambda a, kw: kw["targets"])
@@ -287,6 +303,10 @@ def test_step_with_non_finite_gradients_is_dropped(tmp_path):
     model.net[4].weight.grad[0, 0] = float("inf")  # what a grad scaler finds before it skips the step
     with pytest.warns(UserWarning, match="not finite"):
         assert recorder.step(opt) is None
+    opt.zero_grad()
+    model(**tagger_micro_batch(torch.Generator().manual_seed(0)))["loss"].backward()
+    with pytest.warns(UserWarning, match="not finite"):  # finite gradients, errors beyond float16's range
+        assert recorder.step(torch.optim.SGD(model.parameters(), lr=1e9)) is None
     recorder.close()
     assert len(HistoryStore(tmp_path / "h")) == 0 and recorder.next_step == 0
 
@@ -319,6 +339,51 @@ def test_resume_continues_without_gaps(tmp_path):
     assert_exact(tmp_path / "h", norms)  # weights_start is the first run's
 
 
+def test_commit_every(tmp_path):
+    torch.manual_seed(0)
+    model = Tagger()
+    recorder = HistoryRecorder(model, tmp_path / "h", modules=["net.0"], commit_every=2,
+                               targets_from=lambda args, kw: kw["targets"])
+    gen, opt = torch.Generator().manual_seed(0), torch.optim.SGD(model.parameters(), lr=0.1)
+    committed = []
+    for _ in range(3):
+        model(**tagger_micro_batch(gen))["loss"].backward()
+        recorder.step(opt)
+        opt.step()
+        opt.zero_grad()
+        committed.append(len(HistoryStore(tmp_path / "h")))
+    rows = committed[1] // 2
+    assert committed == [0, 2 * rows, 2 * rows]
+    recorder.commit()
+    assert len(HistoryStore(tmp_path / "h")) == 3 * rows
+    recorder.close()
+
+
+def test_resume_cuts_a_store_back_to_the_recorders_last_commit(tmp_path):
+    """A process that dies after the store committed full shards on its own, but before the recorder's
+    commit, leaves rows that may end inside a step: a resume drops them."""
+    script = textwrap.dedent(f"""
+        import os, torch
+        from torch import nn
+        from metaclm_ext.recording import HistoryRecorder
+        model = nn.Sequential(nn.Linear(8, 4))
+        recorder = HistoryRecorder(model, {str(tmp_path / "h")!r}, modules=["0"], commit_every=100, shard_rows=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            with recorder.capture(torch.zeros(2, 5, dtype=torch.long)):
+                model(torch.randn(2, 5, 8)).sum().backward()
+            recorder.step(opt)
+            opt.step()
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert len(HistoryStore(tmp_path / "h")) == 16  # two shards of 8 of the 20 rows
+    resumed = HistoryRecorder(nn.Sequential(nn.Linear(8, 4)), tmp_path / "h", modules=["0"], resume=True)
+    assert resumed.next_step == 0 and len(resumed.writer) == 0
+    resumed.close()
+    assert len(HistoryStore(tmp_path / "h")) == 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Exactness: transformers.Trainer
 
@@ -340,13 +405,14 @@ class MicroBatchData(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def train_trainer(model, recorder, data, tmp_path, optim="sgd"):
+def train_trainer(model, recorder, data, tmp_path, optim="sgd", callbacks=(), **options):
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH,
                              gradient_accumulation_steps=ACCUM, max_steps=STEPS, learning_rate=LR, optim=optim,
                              max_grad_norm=MAX_NORM, lr_scheduler_type="linear", logging_steps=1,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-                             dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[HistoryCallback(recorder)])
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+                             **{"save_strategy": "no", **options})
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      callbacks=[HistoryCallback(recorder), *callbacks])
     trainer.train()
     assert recorder.closed
     return [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
@@ -372,6 +438,25 @@ def test_pattern_sequential_trainer_is_exact(tmp_path):
                                targets_from=lambda args, kwargs: kwargs["targets"])
     norms = train_trainer(model, recorder, MicroBatchData(tagger_micro_batch), tmp_path)
     assert_exact(tmp_path / "h", norms)
+
+
+def test_trainer_commits_before_every_checkpoint(tmp_path):
+    class StoreRowsAtSave(TrainerCallback):
+        def __init__(self):
+            self.rows = []
+
+        def on_save(self, args, state, control, **kwargs):
+            self.rows.append((state.global_step, len(HistoryStore(tmp_path / "h"))))
+
+    torch.manual_seed(0)
+    model = Tagger()
+    recorder = HistoryRecorder(model, tmp_path / "h", modules=["net.0"], commit_every=100,
+                               targets_from=lambda args, kwargs: kwargs["targets"])
+    at_save = StoreRowsAtSave()
+    train_trainer(model, recorder, MicroBatchData(tagger_micro_batch), tmp_path, callbacks=[at_save],
+                  save_strategy="steps", save_steps=2)
+    steps = HistoryStore(tmp_path / "h").read("step")
+    assert at_save.rows == [(2, int((steps < 2).sum())), (3, len(steps))]
 
 
 def test_adamw_trainer_is_marked_not_exact(tmp_path):

@@ -7,23 +7,25 @@ row holds its input x_t and (``errors=True``) its error signal
 
 lr the learning rate of the param group holding the module's weight at the step, and c the factor by
 which the weight's gradient was scaled in place between the last backward and the optimizer step
-(gradient clipping, a grad scaler's unscaling). c is measured, not told: the norm of the gradient after
-each backward (a post-accumulate-grad hook) against its norm at :meth:`HistoryRecorder.step`. The raw
-dL/dy of every micro-batch already carries the loss's 1/accumulation scaling, so for plain SGD
+(gradient clipping, a grad scaler's unscaling). c is measured, not told: a sample of the gradient noted
+after each backward (a post-accumulate-grad hook) is fitted to the same entries at
+:meth:`HistoryRecorder.step`. The raw dL/dy of every micro-batch already carries the loss's
+1/accumulation scaling, so for plain SGD
 
     W_T = W_0 + sum_t e_t x_t^T  (nn.Linear, W [out, in]),   W_T = W_0 + sum_t x_t e_t^T  (Conv1D, W [in, out]),
     b_T = b_0 + sum_t e_t
 
-over all recorded rows. Where that cannot hold (another optimizer, momentum or weight decay; a position
-that is not recorded but carries a nonzero error, as with prompt masking) the errors are -lr * dL/dy_t
-(for another optimizer) and ``recording.json`` in the store folder says ``exact: false`` with the reasons.
+over all recorded rows. Where that cannot hold, ``recording.json`` in the store folder says
+``exact: false`` with the reasons: another optimizer, momentum or weight decay (the errors are then
+-lr * dL/dy_t), a position that is not recorded but carries a nonzero error (prompt masking), a gradient
+changed by more than one factor, a bias stepped differently from its weight.
 
 Usage in a hand-written loop::
 
     recorder = HistoryRecorder(model, "runs/history", modules="llama")
     for batch in loader:
         for micro in split(batch):
-            with recorder.capture(targets=targets_from_labels(micro["labels"])):
+            with recorder.capture():      # targets from micro["labels"]; or capture(targets=...)
                 loss = model(**micro).loss / len(split(batch))
                 loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -36,10 +38,11 @@ Without ``capture()`` the recorder takes the targets from the model's forward ar
 too, which is how :class:`~metaclm_ext.recording.trainer.HistoryCallback` records under
 ``transformers.Trainer``. Forwards with grad disabled (evaluation) are ignored.
 
-Memory is bounded by one step: rows are masked to the trained positions and copied off the device as the
-hooks fire (pinned, non-blocking copies on CUDA), kept until :meth:`HistoryRecorder.step`, appended in one
-batch and committed with that step, so a recording resumed after a crash (``resume=True``) continues after
-the last committed step.
+Memory is bounded by one step and one store shard: rows are masked to the trained positions and copied
+off the device as the hooks fire (pinned, non-blocking copies on CUDA), kept until
+:meth:`HistoryRecorder.step` and appended there in one batch. Every ``commit_every`` steps, and at
+:meth:`HistoryRecorder.commit`, the store is committed, so a recording resumed after a crash
+(``resume=True``) continues after the last commit; resume the training from the checkpoint saved with it.
 """
 from __future__ import annotations
 
@@ -59,10 +62,11 @@ from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
 from .rows import BASE_COLUMNS, MicroBatchRows, labels_as_targets, micro_batch_rows
+from .scaling import grad_sample, is_one_factor, scale_fit
 
 FORMAT_VERSION = 1
-# Each step's commit rewrites the store's open shard, so shards are sized by bytes (whatever the row
-# width): at most this much is rewritten per step besides the step's own rows.
+# A commit rewrites the store's open shard, so shards are sized by bytes (whatever the row width): at
+# most this much is rewritten per commit besides the new rows, and buffered in memory.
 SHARD_BYTES = 64 << 20
 MAX_SHARD_ROWS = 65536
 ERROR_DEFINITION = ("e_t = -(lr * c) * dL/dy_t at the module's output y: lr of the weight's param group at the step, "
@@ -100,21 +104,26 @@ class HistoryRecorder:
     metadata columns {name: "int64"|"int32"}, given per micro-batch to :meth:`capture`. ``shard_rows``:
     rows per store shard (default: about 64 MiB of rows). ``attrs``: extra JSON run information for the
     store. ``targets_from(args, kwargs)`` gives a training forward's targets when :meth:`capture` does not
-    (default: the shifted HF ``labels``). ``resume=True`` continues an existing recording (same fields and
-    modules) after its last committed step, or, with ``resume_at_step=S``, at step S: the rows of steps S
-    and later (recorded after the checkpoint a resumed training restarts from) are dropped first.
-    Without ``resume``, ``path`` must not hold a store yet.
+    (default: the shifted HF ``labels``). ``commit_every``: steps per commit (each commit fsyncs a file per
+    field and column; :meth:`commit` commits at any step, as :class:`HistoryCallback` does at every
+    checkpoint). ``resume=True`` continues an existing recording (same fields and modules) after its last
+    commit (rows the store committed on its own after it, a possibly partial step, are dropped), or, with
+    ``resume_at_step=S``, at step S: the rows of steps S and later (recorded after the checkpoint a
+    resumed training restarts from) are dropped too. Without ``resume``, ``path`` must not hold a store yet.
     """
 
     def __init__(self, model: torch.nn.Module, path: Union[str, Path], modules: Selector, *, errors: bool = True,
                  dtype: str = "float16", columns: Optional[Mapping[str, str]] = None,
-                 attrs: Optional[Mapping] = None, shard_rows: Optional[int] = None, resume: bool = False,
-                 resume_at_step: Optional[int] = None,
+                 attrs: Optional[Mapping] = None, shard_rows: Optional[int] = None, commit_every: int = 1,
+                 resume: bool = False, resume_at_step: Optional[int] = None,
                  targets_from: Callable[[tuple, dict], Optional[torch.Tensor]] = labels_as_targets):
         if dtype not in HISTORY_DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(HISTORY_DTYPE_NAMES)}, got {dtype!r}")
         self.specs: list[ModuleSpec] = select_modules(model, modules)
+        if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every <= 0:
+            raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}")
         self.errors, self.path, self._targets_from = bool(errors), Path(path), targets_from
+        self.commit_every, self._uncommitted_steps = commit_every, 0
         self._dtype = HISTORY_DTYPE_NAMES[dtype]
         self.user_columns = dict(columns or {})
         clash = set(self.user_columns) & set(BASE_COLUMNS)
@@ -152,7 +161,8 @@ class HistoryRecorder:
             self.writer = HistoryWriter.create(self.path, fields, columns_spec, shard_rows=shard_rows,
                                                attrs={**attrs, "recording": recording})
             self.status = {"exact": True, "reasons": [], "optimizer": None,
-                           "errors": ERROR_DEFINITION if self.errors else None, "closed": False}
+                           "errors": ERROR_DEFINITION if self.errors else None, "committed_rows": 0,
+                           "closed": False}
             write_status(self.path, self.status)
         if not (self.path / WEIGHTS_START).exists():
             save_weights(self.path / WEIGHTS_START, self.specs)
@@ -160,7 +170,7 @@ class HistoryRecorder:
         self._pending: list[_MicroBatch] = []
         self._current: Optional[_MicroBatch] = None
         self._explicit: Optional[dict] = None  # what capture() was given for the micro-batch it wraps
-        self._noted: dict[int, torch.Tensor] = {}  # id(param) -> fp64 norm of its grad after the last backward
+        self._noted: dict[int, torch.Tensor] = {}  # id(param) -> sample of its grad after the last backward
         self._copies: list = []  # CUDA events of the pending non-blocking copies
         self._handles = [model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)]
         for spec in self.specs:
@@ -178,26 +188,30 @@ class HistoryRecorder:
                              "and columns, or record into a new folder")
         if store.attrs.get("recording", {}).get("modules") != recording["modules"]:
             raise ValueError(f"the store at {self.path} recorded other modules: {store.attrs.get('recording')}")
-        n = len(store)
+        n, status = len(store), read_status(self.path)
+        if n < status["committed_rows"]:
+            raise ValueError(f"the store at {self.path} holds {n} rows but the recorder committed "
+                             f"{status['committed_rows']}: it was cut or damaged; record into a new folder")
+        n = status["committed_rows"]
         if at_step is not None:
             if isinstance(at_step, bool) or not isinstance(at_step, int) or at_step < 0:
                 raise ValueError(f"resume_at_step must be an int >= 0, got {at_step!r}")
-            n = int(np.searchsorted(store.read("step"), at_step, side="left"))
+            n = int(np.searchsorted(store.read("step", 0, n), at_step, side="left"))
             last = int(store.read("step", n - 1, n)[0]) if n else -1
             if last != at_step - 1:
                 raise ValueError(f"the store at {self.path} ends at step {last}, so it cannot continue at step "
-                                 f"{at_step}: steps {last + 1}..{at_step - 1} were never recorded")
+                                 f"{at_step}: steps {last + 1}..{at_step - 1} were never committed")
         if n:
             self._last_step = int(store.read("step", n - 1, n)[0])
             self._next_sequence = int(store.read("sequence", n - 1, n)[0]) + 1
         writer = HistoryWriter.resume(self.path)
-        if at_step is not None:
+        if n < len(store):
             try:
                 writer.truncate(n)
             except BaseException:
                 writer.close()
                 raise
-        self.status = {**read_status(self.path), "closed": False}
+        self.status = {**status, "committed_rows": n, "closed": False}
         write_status(self.path, self.status)
         return writer
 
@@ -306,7 +320,7 @@ class HistoryRecorder:
             batch.dropped_max[spec.name] = dropped if previous is None else torch.maximum(previous, dropped.to(previous))
 
     def _note_grad(self, param: torch.Tensor) -> None:
-        self._noted[id(param)] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
+        self._noted[id(param)] = grad_sample(param.grad)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cuda":
@@ -342,32 +356,55 @@ class HistoryRecorder:
         self._copies = []
         scales = self._error_scales(opt, batches) if self.errors else {}
         self._noted = {}
-        if scales is None:
+        rows = self._rows(batches, number, scales) if scales is not None else None
+        if rows is None:
+            warnings.warn("HistoryRecorder: a recorded gradient is not finite; the step's rows are dropped (a grad "
+                          "scaler skips this optimizer step)")
             return None
-        rows = {c: [] for c in (*BASE_COLUMNS, *self.user_columns)}
+        self.writer.append(rows)
+        self._last_step = number
+        self._next_sequence += sum(b.rows.batch_size for b in batches)
+        self._uncommitted_steps += 1
+        if self._uncommitted_steps >= self.commit_every:
+            self.commit()
+        return number
+
+    def commit(self) -> None:
+        """Commit the steps recorded so far: a recording resumed after a crash continues after them."""
+        self._check_open()
+        self.writer.flush()
+        self._uncommitted_steps = 0
+        if self.status["committed_rows"] != self.writer.committed_rows:
+            self.status = {**self.status, "committed_rows": self.writer.committed_rows}
+            write_status(self.path, self.status)
+
+    def _rows(self, batches: list[_MicroBatch], number: int, scales: dict[str, float]) -> Optional[dict]:
+        """The step's rows, e_t scaled in fp64 and cast to the store's type; None if an error is not finite
+        in that type."""
+        columns = {c: [] for c in (*BASE_COLUMNS, *self.user_columns)}
+        sequence = self._next_sequence
         for index, batch in enumerate(batches):
             n = len(batch.rows.kept)
-            rows["step"].append(torch.full((n,), number, dtype=torch.long))
-            rows["micro_batch"].append(torch.full((n,), index, dtype=torch.long))
-            rows["sequence"].append(batch.rows.columns["sequence"] + self._next_sequence)
-            self._next_sequence += batch.rows.batch_size
+            columns["step"].append(torch.full((n,), number, dtype=torch.long))
+            columns["micro_batch"].append(torch.full((n,), index, dtype=torch.long))
+            columns["sequence"].append(batch.rows.columns["sequence"] + sequence)
+            sequence += batch.rows.batch_size
             for name in ("position", "token", "target", *self.user_columns):
-                rows[name].append(batch.rows.columns[name])
-        out = {name: torch.cat(parts) for name, parts in rows.items()}
+                columns[name].append(batch.rows.columns[name])
+        rows = {name: torch.cat(parts) for name, parts in columns.items()}
         for spec in self.specs:
-            out[spec.input_field] = torch.cat([b.inputs[spec.name] for b in batches])
+            rows[spec.input_field] = torch.cat([b.inputs[spec.name] for b in batches])
             if self.errors:
-                grads = [torch.stack(b.grads[spec.name]).sum(0) if len(b.grads[spec.name]) > 1
-                         else b.grads[spec.name][0] for b in batches]
-                out[spec.error_field] = torch.cat(grads).double() * scales[spec.name]
-        self.writer.append(out)
-        self.writer.flush()
-        self._last_step = number
-        return number
+                grads = [sum(b.grads[spec.name][1:], b.grads[spec.name][0]) for b in batches]
+                errors = torch.cat(grads).double() * scales[spec.name]
+                if not bool(errors.abs().amax() <= torch.finfo(self._dtype).max):  # NaN fails too
+                    return None
+                rows[spec.error_field] = errors.to(self._dtype)
+        return rows
 
     def _error_scales(self, opt: torch.optim.Optimizer, batches: list[_MicroBatch]) -> Optional[dict[str, float]]:
         """{module: -(lr * c)} (or -lr where the update is not plain SGD), updating the exactness status;
-        None when a gradient is not finite."""
+        None when a gradient sample is not finite."""
         groups = param_groups_by_id(opt)
         measured: list[torch.Tensor] = []
         for spec in self.specs:
@@ -382,20 +419,20 @@ class HistoryRecorder:
                 if param.grad is None or id(param) not in self._noted:
                     raise RuntimeError(f"{spec.name}'s gradient is gone (zero_grad before step()?): call "
                                        "recorder.step(optimizer) right before optimizer.step()")
-                now = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
-                measured += [now, self._noted[id(param)]]
+                measured += list(scale_fit(self._noted[id(param)], grad_sample(param.grad)))
             measured += [b.dropped_max[spec.name] for b in batches if spec.name in b.dropped_max]
         values = iter(_host_floats(measured))
         scales, reasons, raw = {}, [], False
         for spec in self.specs:
             coefficients, lrs = [], []
             for param in self._params(spec):
-                now, noted = next(values), next(values)
-                if not math.isfinite(now):
-                    warnings.warn(f"HistoryRecorder: {spec.name}'s gradient is not finite; the step's rows are "
-                                  "dropped (a grad scaler skips this optimizer step)")
+                c, residual = next(values), next(values)
+                if not (math.isfinite(c) and math.isfinite(residual)):
                     return None
-                coefficients.append(now / noted if noted > 0 else 1.0)
+                if not is_one_factor(residual, param.grad.dtype):
+                    reasons.append(f"{spec.name}'s gradient was changed by more than one factor between the last "
+                                   "backward and the step (e.g. clip_grad_value_)")
+                coefficients.append(c)
                 lrs.append(learning_rate(groups[id(param)]))
             dropped = [next(values) for b in batches if spec.name in b.dropped_max]
             reason = not_plain_sgd(opt, groups[id(spec.module.weight)])
@@ -405,7 +442,8 @@ class HistoryRecorder:
                 continue
             scales[spec.name] = -lrs[0] * coefficients[0]
             # Reasons name no per-step numbers, so that each is recorded once, however many steps show it.
-            if len(lrs) == 2 and (lrs[1] != lrs[0] or abs(coefficients[1] - coefficients[0]) > SCALE_MISMATCH * coefficients[0]):
+            mismatch = abs(coefficients[-1] - coefficients[0]) > SCALE_MISMATCH * coefficients[0]
+            if len(lrs) == 2 and (lrs[1] != lrs[0] or mismatch):
                 reasons.append(f"{spec.name}'s bias gets another step size than its weight (another param group's "
                                "lr, or another gradient scaling)")
             if dropped and max(dropped) > 0:
@@ -443,7 +481,8 @@ class HistoryRecorder:
         self._pending, self._current = [], None
         try:
             save_weights(self.path / WEIGHTS_END, self.specs)
-            self.status = {**self.status, "closed": True}
+            self.writer.flush()
+            self.status = {**self.status, "committed_rows": self.writer.committed_rows, "closed": True}
             write_status(self.path, self.status)
         finally:
             self.writer.close()
