@@ -19,8 +19,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def _lambdas(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lambdas must be comma-separated numbers in [0, 1], got {text!r}") from None
+
+
 def main(args: argparse.Namespace) -> int:
-    lambdas = [float(x) for x in args.lambdas.split(",")]
+    lambdas = _lambdas(args.lambdas)
     report = evaluate_run(args.run, epoch=args.epoch, k=args.k, metric=args.metric, kind=args.kind,
                           temperature=args.temperature, lambdas=lambdas, out_dir=args.out)
     print(format_report(report))
