@@ -102,9 +102,13 @@ def _validate(cfg: TrainConfig) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    return device
 
 
 def _quiet_transformers() -> None:
@@ -319,12 +323,45 @@ def load_run(run_dir) -> Run:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json; make one with `metaclm train`)")
-    info = json.loads((run_dir / "config.json").read_text())
-    cfg = TrainConfig(**info["config"])
+    cfg, info = _read_run_config(run_dir / "config.json")
     losses_path = run_dir / "losses.json"
     losses = json.loads(losses_path.read_text()) if losses_path.is_file() else {}
     epochs = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("epoch_*") if p.is_dir())
     return Run(run_dir, cfg, info, datamod.load(run_dir / "data"), losses, epochs)
+
+
+def _read_run_config(path: Path) -> tuple[TrainConfig, dict]:
+    """The validated TrainConfig of a run's config.json and the file's content, or ValueError naming it."""
+    try:
+        info = json.loads(path.read_text())
+        cfg = TrainConfig(**info["config"])
+        _validate(cfg)
+        if isinstance(info["n_positions"], bool) or not isinstance(info["n_positions"], int) or info["n_positions"] <= 0:
+            raise ValueError(f"n_positions must be a positive int, got {info['n_positions']!r}")
+    except KeyError as exc:
+        raise ValueError(f"{path} is not a run config: it has no key {exc}") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not a valid run config ({type(exc).__name__}: {exc})") from None
+    return cfg, info
+
+
+def _check_checkpoint_config(run: Run, folder: Path) -> None:
+    """ValueError unless the checkpoint's model config is the run's: a config that disagrees (n_layer =
+    100000) would otherwise build whatever model it describes before the weights fail to fit it."""
+    path = folder / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    cfg = run.config
+    want = {"model_type": "gpt2", "vocab_size": len(datamod.VOCAB), "n_positions": run.info["n_positions"],
+            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.n_inner}
+    wrong = {key: saved.get(key) for key, value in want.items() if saved.get(key) != value}
+    if wrong:
+        raise ValueError(f"checkpoint {folder} does not belong to run {run.path}: its config has "
+                         + ", ".join(f"{k} = {v!r} (the run's: {want[k]!r})" for k, v in wrong.items()))
 
 
 def load_checkpoint(run_dir, epoch: Optional[int] = None, device: str = "cpu"):
@@ -338,4 +375,7 @@ def load_checkpoint(run_dir, epoch: Optional[int] = None, device: str = "cpu"):
     epoch = run.epochs[-1] if epoch is None else epoch
     if epoch not in run.epochs:
         raise FileNotFoundError(f"{run_dir} has no checkpoint for epoch {epoch} (has {run.epochs})")
-    return GPT2LMHeadModel.from_pretrained(checkpoint_dir(run_dir, epoch)).to(device).eval()
+    folder = checkpoint_dir(run.path, epoch)
+    _check_checkpoint_config(run, folder)
+    # safetensors only: a pickled pytorch_model.bin someone put in the run folder is never loaded
+    return GPT2LMHeadModel.from_pretrained(folder, use_safetensors=True).to(device).eval()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import out_folder
 from ..knn import KINDS, METRICS, evaluate_run, format_report
 
 
@@ -15,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=KINDS, default="flat", help="flat (exact, default) or ivfpq (large histories)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of neighbour weights")
     p.add_argument("--lambdas", default="0,0.1,0.25,0.5,0.75,0.9,1", help="kNN-LM interpolation weights")
-    p.add_argument("--out", default=None, help="output folder (default RUN/knn)")
+    p.add_argument("--out", type=out_folder, default=None, help="output folder (default RUN/knn)")
     p.set_defaults(func=main)
 
 

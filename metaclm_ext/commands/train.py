@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from . import out_folder
 from ..dtypes import HISTORY_DTYPE_NAMES
 from ..train import PRESETS, TrainConfig, make_config, train
 
@@ -14,7 +15,7 @@ _FLAG_TYPES = {"int": int, "Optional[int]": int, "float": float, "Optional[float
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the paper's GPT-2 design model (presets table5, table6, tiny)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="table5")
-    p.add_argument("--out", type=Path, required=True, help="RUN_DIR to create")
+    p.add_argument("--out", type=out_folder, required=True, help="RUN_DIR to create")
     p.add_argument("--data", type=Path, default=None, help="dataset folder from `metaclm data` (default: generate)")
     p.add_argument("--record-history", nargs="?", const="", default=None, metavar="DIR",
                    help="record the training history into a store at DIR (default RUN_DIR/history)")
