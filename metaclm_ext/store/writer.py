@@ -4,7 +4,6 @@ every committed row and can be resumed.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from ..dtypes import HISTORY_DTYPE_NAMES
+from ..locks import try_lock
 from ._format import (COLUMN_DTYPES, DATA_DIR, DEFAULT_SHARD_ROWS, DISK_DTYPES, FORMAT, LOCK_FILE, TMP_SUFFIX,
                       VERSION, Spec, StoreError, check_inside, check_int, check_specs, fsync_dir, load_manifest,
                       npy_header, write_atomic, write_manifest)
@@ -274,10 +274,7 @@ def _check_empty(root: Path) -> None:
 
 def _lock(root: Path) -> int:
     """An exclusive lock on the store's writer.lock (released by the kernel if the writer dies)."""
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreError(f"another HistoryWriter has {root} open ({root / LOCK_FILE} is locked)") from None
+    fd = try_lock(root / LOCK_FILE)
+    if fd is None:
+        raise StoreError(f"another HistoryWriter has {root} open ({root / LOCK_FILE} is locked)")
     return fd
