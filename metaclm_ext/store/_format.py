@@ -155,7 +155,7 @@ def _read_npy_header(path: Path) -> tuple[tuple, bool, np.dtype, int, int]:
                 raise ValueError(f"unsupported .npy version {version}")
             shape, fortran, dtype = read[version](f)
             return shape, fortran, dtype, f.tell(), os.fstat(f.fileno()).st_size
-        except (ValueError, TypeError, OSError, SyntaxError, RecursionError, MemoryError) as exc:
+        except Exception as exc:  # numpy parses the header with Python's tokenizer: TokenError, SyntaxError, ...
             raise StoreError(f"shard file {path} has no valid .npy header ({type(exc).__name__}: {exc})") from None
 
 
