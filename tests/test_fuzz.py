@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from hypothesis import strategies as st
 import metaclm_ext
 from metaclm_ext import HistoryStore, HistoryWriter, StoreError
 from metaclm_ext import reference as ref
-from helpers import assert_selection_equal
+from helpers import assert_selection_equal, run_with_timeout
 
 EXAMPLES = int(os.environ.get("METACLM_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 100,
@@ -70,32 +69,15 @@ def _read_all(path: Path) -> dict:
     return out
 
 
-def _outcome(path: Path):
-    """_read_all(path) on a thread: its rows or the exception, or a failure if it does not finish in time."""
-    box = {}
-
-    def run():
-        try:
-            box["rows"] = _read_all(path)
-        except BaseException as exc:  # judged by the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(READ_TIMEOUT_S)
-    assert not t.is_alive(), f"reading the mutated store hung for {READ_TIMEOUT_S} s"
-    return box
-
-
 def _assert_read_or_store_error(path: Path, want: dict) -> None:
-    box = _outcome(path)
+    box = run_with_timeout(lambda: _read_all(path), READ_TIMEOUT_S)
     if "error" in box:
         if not isinstance(box["error"], StoreError):
             raise AssertionError(f"{type(box['error']).__name__} instead of StoreError: {box['error']}") from box["error"]
         return
-    assert set(box["rows"]) == set(want)
+    assert set(box["result"]) == set(want)
     for name, rows in want.items():
-        np.testing.assert_array_equal(box["rows"][name], rows, err_msg=f"{name}: a wrong read without an error")
+        np.testing.assert_array_equal(box["result"][name], rows, err_msg=f"{name}: a wrong read without an error")
 
 
 json_values = st.recursive(

@@ -14,6 +14,7 @@ import pytest
 from metaclm_ext import HistoryStore, HistoryWriter, StoreError
 from metaclm_ext.store import reader as store_reader
 from metaclm_ext.store import writer as store_writer
+from helpers import run_with_timeout
 
 FIELDS = {"x": (3, "float32")}
 COLUMNS = {"step": "int64"}
@@ -32,22 +33,11 @@ def _store(path, sizes=(5, 4), shard_rows=4):
 
 
 def _in_thread(fn, timeout=10):
-    """fn() on a daemon thread; its exception or result, or a failure if it is still running after `timeout`."""
-    box = {}
-
-    def run():
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # handed to the test
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), f"{fn} hung for {timeout} s"
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
+    """fn()'s result on a thread, or its exception re-raised; a failure if it is still running after `timeout`."""
+    outcome = run_with_timeout(fn, timeout)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,49 +189,45 @@ def test_two_creators_racing_never_erase_committed_rows(tmp_path, monkeypatch):
     np.testing.assert_array_equal(HistoryStore(path).read("step"), np.arange(6))
 
 
-def test_a_reader_racing_a_commit_reads_the_new_manifest(tmp_path, monkeypatch):
-    """The writer replaces the partial last shard between the reader's manifest read and its file checks."""
-    path = tmp_path / "s"
-    w = HistoryWriter.create(path, FIELDS, COLUMNS, shard_rows=8)
-    w.append(_rows(0, 3))
-    w.flush()
-    real_load = store_reader.load_manifest
-    raced = {"done": False}
-
-    def load_then_commit(root):
-        loaded = real_load(root)
-        if not raced["done"]:
-            raced["done"] = True
-            w.append(_rows(3, 2))
-            w.flush()  # rewrites the partial shard under a new id and deletes the old files
-        return loaded
-
-    monkeypatch.setattr(store_reader, "load_manifest", load_then_commit)
-    store = HistoryStore(path)
-    assert raced["done"]
-    np.testing.assert_array_equal(store.read("step"), np.arange(5))
-    w.close()
-
-
-def test_a_store_that_keeps_changing_is_a_store_error(tmp_path, monkeypatch):
-    path = tmp_path / "s"
-    w = HistoryWriter.create(path, FIELDS, COLUMNS, shard_rows=64)
-    w.append(_rows(0, 1))
-    w.flush()
+def _commit_after_manifest_loads(monkeypatch, writer, which_loads):
+    """Make the writer commit one more row right after the reader's manifest loads numbered `which_loads`
+    (1 = the first), i.e. between the reader's manifest read and its checks of the shard files."""
     real_load = store_reader.load_manifest
     calls = {"n": 0}
 
     def load_then_commit(root):
         loaded = real_load(root)
         calls["n"] += 1
-        if calls["n"] % 2:  # before every file check, never before the comparison
-            w.append(_rows(w.rows, 1))
-            w.flush()
+        if which_loads(calls["n"]):
+            writer.append(_rows(writer.rows, 1))
+            writer.flush()  # rewrites the partial shard under a new id and deletes the old files
         return loaded
 
     monkeypatch.setattr(store_reader, "load_manifest", load_then_commit)
+    return calls
+
+
+def _partial_store(path):
+    w = HistoryWriter.create(path, FIELDS, COLUMNS, shard_rows=64)
+    w.append(_rows(0, 3))
+    w.flush()
+    return w
+
+
+def test_a_reader_racing_a_commit_reads_the_new_manifest(tmp_path, monkeypatch):
+    w = _partial_store(tmp_path / "s")
+    calls = _commit_after_manifest_loads(monkeypatch, w, lambda n: n == 1)
+    store = HistoryStore(tmp_path / "s")
+    assert calls["n"] == 3  # the stale manifest, the comparison, the new one
+    np.testing.assert_array_equal(store.read("step"), np.arange(4))
+    w.close()
+
+
+def test_a_store_that_keeps_changing_is_a_store_error(tmp_path, monkeypatch):
+    w = _partial_store(tmp_path / "s")
+    _commit_after_manifest_loads(monkeypatch, w, lambda n: n % 2 == 1)  # before every file check
     with pytest.raises(StoreError, match="changed while it was being opened"):
-        HistoryStore(path)
+        HistoryStore(tmp_path / "s")
     w.close()
 
 
