@@ -93,7 +93,7 @@ def test_resume_refuses_a_symlinked_data_folder_and_deletes_nothing(tmp_path):
 
 def test_reader_refuses_shards_outside_the_store(tmp_path):
     _symlink_data_out(tmp_path)
-    with pytest.raises(StoreError, match=r"shard file .* leaves the store"):
+    with pytest.raises(StoreError, match=r"shard folder .*data/x leaves the store"):
         HistoryStore(tmp_path / "s")
 
 

@@ -295,11 +295,14 @@ def check_inside(root: Path, path: Path, what: str) -> None:
 def open_shard_files(root: Path, manifest: dict, specs: dict[str, Spec]) -> dict[str, list[ShardFile]]:
     """Per name, the shard files in row order, each checked against the manifest (exists, size, header)."""
     files: dict[str, list[ShardFile]] = {name: [] for name in specs}
+    folders_inside = set()  # each folder resolved once; the file itself is opened with O_NOFOLLOW
     for shard in manifest["shards"]:
         for name, spec in specs.items():
             entry = shard["files"][name]
             path = root / entry["path"]
-            check_inside(root, path, "shard file")
+            if path.parent not in folders_inside:
+                check_inside(root, path.parent, "shard folder")
+                folders_inside.add(path.parent)
             shape, fortran, dtype, offset, size = _read_npy_header(path)
             want_shape = (shard["rows"], *spec.row_shape)
             if fortran or dtype != DISK_DTYPES[spec.dtype] or tuple(shape) != want_shape:
