@@ -1,12 +1,15 @@
 """The `metaclm` command line. Thin: each subcommand parses its flags and calls one library function.
 
 Each subcommand is one module of metaclm_ext.commands with ``add_parser(subparsers)`` and ``main(args)``.
+Every failure ends as ``metaclm COMMAND: error: ...`` and exit 2 (bad input) or 1 (the machine), never a
+traceback (metaclm_ext.boundary; ``METACLM_DEBUG=1`` shows it).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .boundary import run_guarded
 from .commands import analyze, data, demo, dualcheck, knn, probe, reproduce, store_info, train
 
 # In the order `metaclm --help` lists them.
@@ -26,11 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
-        print(f"metaclm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_guarded(f"metaclm {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

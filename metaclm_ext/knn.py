@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .boundary import one_line
 from .markdown import table
 from .stream import source_chunks
 from .training import IGNORE, load_checkpoint, load_run, make_batch
@@ -141,26 +142,52 @@ class _Head:
         return self.source.iter_chunks(chunk_rows, min(stop, self.shape[0]))
 
 
+def check_k(k, ntotal: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= ntotal:
+        raise ValueError(f"k must be in [1, {ntotal}], got {k}")
+    return int(k)
+
+
+def check_temperature(temperature) -> float:
+    """A softmax temperature: a finite number > 0 (0 divides by zero: NaN weights; inf makes every weight equal)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return float(temperature)
+
+
 def search(knn: KnnIndex, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores or squared distances [Q, k], row ids [Q, k]) of the k nearest rows."""
-    if k <= 0 or k > knn.ntotal:
-        raise ValueError(f"k must be in [1, {knn.ntotal}], got {k}")
+    k = check_k(k, knn.ntotal)
     q = _as_float32(queries)
-    if q.ndim != 2 or q.shape[1] != knn.info["dim"]:
-        raise ValueError(f"queries must be [Q, {knn.info['dim']}], got {list(q.shape)}")
+    dim = int(knn.index.d)  # the index's own width: FAISS asserts on any other
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"queries must be [Q, {dim}], got {list(q.shape)}")
     return knn.index.search(q, k)
 
 
 def neighbour_weights(knn: KnnIndex, scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Softmax weights of the neighbours: over scores (ip) or negative squared distances (l2)."""
+    temperature = check_temperature(temperature)
     logits = scores if knn.info["metric"] == "ip" else -scores
     logits = torch.as_tensor(logits, dtype=torch.float64) / temperature
     return torch.softmax(logits, dim=-1).numpy()
 
 
 def knn_distribution(knn: KnnIndex, ids: np.ndarray, weights: np.ndarray, label: str, num_classes: int) -> np.ndarray:
-    """p_kNN [Q, num_classes]: neighbour weights summed per label of the neighbours (Eq. 4's vote)."""
+    """p_kNN [Q, num_classes]: neighbour weights summed per label of the neighbours (Eq. 4's vote).
+
+    Every neighbour's label must be in [0, num_classes): a -1 would otherwise wrap round to the last class.
+    """
     labels = knn.labels[label][ids]  # [Q, k]
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        q, j = np.argwhere(bad)[0]
+        raise ValueError(f"labels[{label!r}] of row {int(ids[q, j])} is {int(labels[q, j])}, outside [0, "
+                         f"num_classes = {num_classes})")
     probs = np.zeros((ids.shape[0], num_classes))
     np.add.at(probs, (np.arange(ids.shape[0])[:, None], labels), weights)
     return probs
@@ -220,20 +247,43 @@ def load_index(prefix: str, *, use_gpu: Optional[bool] = None) -> KnnIndex:
     for suffix in (".json", ".faiss", ".labels.npz"):
         if not os.path.exists(prefix + suffix):
             raise FileNotFoundError(f"kNN index file missing: {prefix + suffix}")
-    with open(prefix + ".json") as f:
-        meta = json.load(f)
+    try:
+        with open(prefix + ".json") as f:
+            meta = json.load(f)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{prefix}.json is not valid JSON ({type(exc).__name__}: {exc})") from None
+    _check_sidecar(meta, prefix + ".json")
     for suffix, key in ((".faiss", "index_sha256"), (".labels.npz", "labels_sha256")):
         if _sha256(prefix + suffix) != meta.get(key):
             raise ValueError(f"{prefix + suffix} does not match its sidecar {prefix}.json (checksum differs)")
-    index = faiss.read_index(prefix + ".faiss")
-    with np.load(prefix + ".labels.npz") as z:
+    try:
+        index = faiss.read_index(prefix + ".faiss")
+    except RuntimeError as exc:  # FAISS's parser rejects the file
+        raise ValueError(f"{prefix}.faiss is not a FAISS index FAISS can read ({one_line(exc)})") from None
+    with np.load(prefix + ".labels.npz", allow_pickle=False) as z:
         labels = {name: z[name] for name in z.files}
     if index.ntotal != meta["ntotal"] or any(v.shape != (index.ntotal,) for v in labels.values()):
         raise ValueError(f"{prefix}: index has {index.ntotal} rows, sidecar says {meta['ntotal']}")
+    if int(index.d) != meta["dim"]:
+        raise ValueError(f"{prefix}: index vectors are {index.d}-wide, sidecar says {meta['dim']}")
+    if any(not np.issubdtype(v.dtype, np.integer) for v in labels.values()):
+        raise ValueError(f"{prefix}.labels.npz: labels must be integer arrays")
     if (use_gpu if use_gpu is not None else gpu_available()) and meta["kind"] == "flat":
         index = faiss.index_cpu_to_all_gpus(index)
         meta["gpu"] = True
     return KnnIndex(index, labels, meta)
+
+
+def _check_sidecar(meta, path: str) -> None:
+    """ValueError unless the sidecar JSON has the keys load_index reads, with their types."""
+    want = {"metric": str, "kind": str, "dim": int, "ntotal": int, "index_sha256": str, "labels_sha256": str}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    for key, kind in want.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(f"{path}: {key!r} must be a {kind.__name__}, got {meta.get(key)!r}")
+    if meta["metric"] not in METRICS or meta["kind"] not in KINDS:
+        raise ValueError(f"{path}: metric {meta['metric']!r} / kind {meta['kind']!r} not one of {METRICS} / {KINDS}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,6 +319,14 @@ def evaluate_run(run_dir, *, epoch=None, k: int = 16, metric: str = "l2", kind: 
                  temperature: float = 1.0, lambdas=(0.0, 0.25, 0.5, 0.75, 1.0), out_dir=None,
                  progress: bool = True) -> dict:
     """Index each layer's training-token representations, query with the validation tokens."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    temperature = check_temperature(temperature)
+    lambdas = [float(lam) for lam in lambdas]
+    if not lambdas or not all(0.0 <= lam <= 1.0 for lam in lambdas):
+        raise ValueError(f"lambdas must be one or more numbers in [0, 1], got {lambdas}")
+    if metric not in METRICS or kind not in KINDS:
+        raise ValueError(f"metric must be one of {METRICS} and kind one of {KINDS}, got {metric!r}, {kind!r}")
     run = load_run(run_dir)
     model = load_checkpoint(run_dir, epoch)
     epoch = run.epochs[-1] if epoch is None else epoch

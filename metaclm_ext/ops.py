@@ -24,6 +24,10 @@ PAD_INDEX = torch.iinfo(torch.int64).max  # heap padding inside the merge state
 
 _ops = torch.ops.metaclm_ext
 
+# The merge operators register no backward, so autograd would silently skip them and hand back wrong
+# gradients: the public ops run without autograd and their outputs do not pretend to be differentiable.
+NOT_DIFFERENTIABLE = torch.no_grad()
+
 
 class Selection(NamedTuple):
     values: torch.Tensor  # fp32 [Q, H, k]
@@ -134,6 +138,7 @@ def _finalize_selection(keys: torch.Tensor, indices: torch.Tensor, negate: bool)
     return Selection(-keys if negate else keys, indices)
 
 
+@NOT_DIFFERENTIABLE
 def history_topk(
     queries: torch.Tensor,
     history: History,
@@ -151,6 +156,7 @@ def history_topk(
     [N, H*Dh] fp32/fp16/bf16 tensor or a HistoryStore field. Only rows ``t < limit[q]`` are candidates.
     Both selections come from one pass; ties go to the lower row; missing entries are index -1 with
     value -inf (top) / +inf (last). The [Q, N] score matrix is never materialised.
+    Not differentiable (see :data:`NOT_DIFFERENTIABLE`): the result never requires grad.
     """
     n, width = _shape_of("history", history)
     q = _as_heads(queries, width, heads, {"history": history})
@@ -176,6 +182,7 @@ def history_topk(
 # history_label_mass
 
 
+@NOT_DIFFERENTIABLE
 def history_label_mass(
     queries: torch.Tensor,
     history: History,
@@ -190,6 +197,7 @@ def history_label_mass(
 
     How much weight each cluster of the history (a seed, a next token) gets from each query head.
     ``labels`` is int64 [N] (a tensor or a store metadata column) with values in [0, num_labels).
+    Not differentiable (see :data:`NOT_DIFFERENTIABLE`): the result never requires grad.
     """
     n, width = _shape_of("history", history)
     if not isinstance(labels, torch.Tensor) and not hasattr(labels, "iter_chunks"):
@@ -215,6 +223,7 @@ def history_label_mass(
 # dual_form_apply
 
 
+@NOT_DIFFERENTIABLE
 def dual_form_apply(
     queries: torch.Tensor,
     inputs: History,
@@ -228,6 +237,7 @@ def dual_form_apply(
     ``out[q] = sum_{t < limit[q]} errors[t] * <inputs[t], queries[q]>`` (the dual form of Irie et al.
     2022; with plain SGD, W = W0 + sum_t e_t x_t^T, so W x = W0 x + this). ``inputs`` is [N, D_in],
     ``errors`` [N, D_out]; rows are summed in fp32 within 8192-row units and the units in fp64.
+    Not differentiable (see :data:`NOT_DIFFERENTIABLE`): the result never requires grad.
     """
     n, d_in = _shape_of("inputs", inputs)
     n_err, d_out = _shape_of("errors", errors)

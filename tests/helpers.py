@@ -1,4 +1,6 @@
-"""Comparison helpers shared by the kernel tests."""
+"""Helpers shared by the tests: comparisons for the kernel tests, and a timeout for calls that could hang."""
+import threading
+
 import pytest
 import torch
 
@@ -69,3 +71,21 @@ def assert_sums_close(got, want, scale):
     """An fp32 result of summed terms (any device) within RTOL[fp32] of the fp64 reference, relative to
     `scale` (clamped at 1e-6)."""
     assert bool(((got.cpu().double() - want).abs() <= RTOL[torch.float32] * scale.clamp_min(1e-6)).all())
+
+
+def run_with_timeout(fn, timeout_s: float) -> dict:
+    """{"result": fn()} or {"error": the exception it raised}, run on a daemon thread; the calling test fails
+    if fn is still running after `timeout_s` (a hang is a failure, not a stuck test run)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = fn()
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"{fn} still running after {timeout_s} s: it hangs"
+    return outcome

@@ -155,3 +155,64 @@ def test_knn_cli_on_a_tiny_run(tmp_path):
     assert acc == pytest.approx(report["layers"][last]["knn_accuracy"])
 
     assert main(["knn", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.parametrize("temperature", [0, 0.0, -1.0, float("nan"), float("inf")])
+def test_temperature_must_be_finite_and_positive(gen, temperature):
+    vectors, labels = _clusters(gen, n=40)
+    index = knn.build_index(vectors, {"y": labels})
+    scores, _ = knn.search(index, vectors[:3], 4)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        knn.neighbour_weights(index, scores, temperature)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        knn.evaluate_run("no-such-run", temperature=temperature)  # checked before any work
+
+
+@pytest.mark.parametrize("flags, match", [(["--temperature", "0"], "temperature"), (["--k", "0"], "k must be"),
+                                          (["--lambdas", "0,2"], "lambdas"), (["--lambdas", "a"], "--lambdas")])
+def test_knn_cli_rejects_bad_numbers_with_exit_2(tmp_path, capsys, flags, match):
+    from metaclm_ext.cli import main
+
+    assert main(["knn", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metaclm knn: error:") and match in err
+
+
+def test_negative_or_too_large_labels_are_an_error_not_the_last_class(gen):
+    vectors, _ = _clusters(gen, n=40)
+    for bad in (-1, 3):
+        index = knn.build_index(vectors, {"y": np.full(40, bad)})
+        scores, ids = knn.search(index, vectors[:2], 3)
+        with pytest.raises(ValueError, match=rf"labels\['y'\] of row \d+ is {bad}, outside \[0, num_classes = 3\)"):
+            knn.knn_distribution(index, ids, knn.neighbour_weights(index, scores), "y", 3)
+
+
+def _saved(gen, tmp_path):
+    vectors, labels = _clusters(gen, n=40)
+    prefix = str(tmp_path / "idx")
+    knn.save_index(knn.build_index(vectors, {"y": labels}), prefix)
+    return prefix, vectors
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(dim=m["dim"] + 1), "sidecar says"),
+    (lambda m: m.pop("ntotal"), "'ntotal' must be a int"),
+    (lambda m: m.update(metric="cos"), "metric 'cos'"),
+    (lambda m: m.update(dim="16"), "'dim' must be a int"),
+])
+def test_a_sidecar_that_disagrees_with_its_index_is_a_value_error(gen, tmp_path, edit, match):
+    prefix, vectors = _saved(gen, tmp_path)
+    meta = json.loads(open(prefix + ".json").read())
+    edit(meta)
+    with open(prefix + ".json", "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=match):
+        knn.load_index(prefix, use_gpu=False)
+
+
+def test_a_query_of_the_wrong_width_is_a_value_error_even_with_a_wrong_info(gen, tmp_path):
+    prefix, vectors = _saved(gen, tmp_path)
+    index = knn.load_index(prefix, use_gpu=False)
+    index.info["dim"] = 8  # FAISS itself asserts on a width other than its own
+    with pytest.raises(ValueError, match=r"queries must be \[Q, 16\]"):
+        knn.search(index, vectors[:2, :8], 3)

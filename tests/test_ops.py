@@ -382,3 +382,19 @@ def test_tensor_rows_source_equals_tensor(gen):
     want = metaclm_ext.history_topk(queries, history, 7)
     assert_selection_equal(got.top, want.top)
     assert_selection_equal(got.last, want.last)
+
+
+def test_outputs_do_not_pretend_to_be_differentiable(gen):
+    """The merge operators have no backward: an output that required grad would backprop a wrong gradient."""
+    q = torch.randn(3, 8, generator=gen, requires_grad=True)
+    history = torch.randn(20, 8, generator=gen, requires_grad=True)
+    errors = torch.randn(20, 5, generator=gen, requires_grad=True)
+    outputs = [*metaclm_ext.history_topk(q, history, 3).top,
+               metaclm_ext.history_label_mass(q, history, torch.arange(20) % 4, 4),
+               metaclm_ext.dual_form_apply(q, history, errors)]
+    for out in outputs:
+        assert not out.requires_grad and out.grad_fn is None
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            out.float().sum().backward()
+    assert q.grad is None and history.grad is None and errors.grad is None
+    assert torch.is_grad_enabled()  # the ops leave autograd as they found it

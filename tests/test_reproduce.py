@@ -1,5 +1,6 @@
 """metaclm reproduce: a tiny end-to-end run (tiny training settings, a tiny random GPT-2 and a six-sentence
 corpus as the probe model and corpus), resumability, failures, bad input, and the scripts in scripts/."""
+import fcntl
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import probe_models
 from metaclm_ext.cli import main
 from metaclm_ext.paper import paper_numbers
 from metaclm_ext.reproduce import SCALES, SETTINGS, STAGES, reproduce, selected_stages, stage_settings
+from metaclm_ext.reproduce.run import LOCK_FILE
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 GROUPS = {"tables_1_3.py": {"data", "probe_wikipedia", "probe_news"},
@@ -200,6 +202,22 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, argv, message)
     err = capsys.readouterr().err
     assert err.startswith("metaclm reproduce: error:") and message in err
     assert not out.exists()  # nothing ran
+
+
+def test_a_second_run_into_a_busy_folder_fails_at_once(tmp_path, capsys):
+    """Two runs into one --out would delete each other's stage folders: the second exits 2 before any stage,
+    naming the lock (exit 2: the input, the folder, is the problem, not the machine)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    held = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # what the first run holds for its whole duration
+    try:
+        assert main(["reproduce", "--out", str(out), "--only", "data", "--no-progress"]) == 2
+    finally:
+        os.close(held)
+    err = capsys.readouterr().err
+    assert err.startswith("metaclm reproduce: error: another `metaclm reproduce` is running into") and "--out" in err
+    assert not (out / "stages").exists()
 
 
 def test_quick_and_paper_together_is_a_usage_error(capsys):

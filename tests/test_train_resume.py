@@ -13,7 +13,8 @@ import torch
 
 from metaclm_ext.cli import main
 from metaclm_ext.store import HistoryStore, HistoryWriter
-from metaclm_ext.training import load_checkpoint, load_run
+from metaclm_ext.training import load_checkpoint, load_run, make_config
+from metaclm_ext.training.loop import train
 
 ARGS = ["--preset", "tiny", "--epochs", "30", "--record-history", "--record-errors", "--history-dtype", "float32",
         "--no-progress"]
@@ -77,7 +78,7 @@ def test_history_path_is_found_from_any_working_directory(uninterrupted, tmp_pat
     ("--lr", "inf", "lr must be a finite"), ("--momentum", "inf", "momentum must be a finite"),
     ("--max-grad-norm", "nan", "max_grad_norm must be a finite"),
     ("--max-train-sequences", "0", "max_train_sequences must be positive"),
-    ("--device", "bogus", "device must be"),
+    ("--device", "bogus", "device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(tmp_path, capsys, flag, value, message):
     run = tmp_path / "run"
@@ -99,5 +100,8 @@ def test_a_history_folder_in_use_is_refused_before_the_run_starts(tmp_path, caps
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("")
-    assert main(["train", "--preset", "tiny", "--out", str(path), "--no-progress"]) == 2
-    assert "not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--preset", "tiny", "--out", str(path), "--no-progress"])
+    assert exit_.value.code == 2 and "not a folder" in capsys.readouterr().err
+    with pytest.raises(NotADirectoryError, match="not a folder"):  # the library refuses it too
+        train(make_config("tiny"), path, progress=False)

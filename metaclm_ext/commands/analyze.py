@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import out_folder
 from ..analyze.report import write_outputs
 from ..analyze.run import PARTS, AnalyzeConfig, analyze_run
 
@@ -19,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="attention over the history, clustering, inner loss and norms over a run's "
                                        "checkpoints (Figures 1-3, 6, 9-11)")
     p.add_argument("run", type=Path, help="run folder written by `metaclm train` (--record-history for attention)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN/analysis)")
+    p.add_argument("--out", type=out_folder, default=None, help="output folder (default RUN/analysis)")
     p.add_argument("--epochs", type=_int_list, default=None,
                    help="comma-separated checkpoint epochs to analyse (default: every checkpoint)")
     p.add_argument("--every", type=int, default=1,

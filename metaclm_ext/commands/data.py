@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from . import out_folder
 from ..data import SETTINGS, VOCAB, generate, table2, write
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="sample the synthetic regex language (Appendix D) and print Table 2")
-    p.add_argument("--out", type=Path, required=True, help="output folder (train.jsonl, validation.jsonl, meta.json)")
+    p.add_argument("--out", type=out_folder, required=True, help="output folder (train.jsonl, validation.jsonl, meta.json)")
     p.add_argument("--setting", choices=sorted(SETTINGS), default="small", help="10 seeds (small) or 50 (large)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed: same seed, same bytes (default 0)")
     p.set_defaults(func=main)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import out_folder
 from ..knn import KINDS, METRICS, evaluate_run, format_report
 
 
@@ -15,12 +16,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=KINDS, default="flat", help="flat (exact, default) or ivfpq (large histories)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of neighbour weights")
     p.add_argument("--lambdas", default="0,0.1,0.25,0.5,0.75,0.9,1", help="kNN-LM interpolation weights")
-    p.add_argument("--out", default=None, help="output folder (default RUN/knn)")
+    p.add_argument("--out", type=out_folder, default=None, help="output folder (default RUN/knn)")
     p.set_defaults(func=main)
 
 
+def _lambdas(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lambdas must be comma-separated numbers in [0, 1], got {text!r}") from None
+
+
 def main(args: argparse.Namespace) -> int:
-    lambdas = [float(x) for x in args.lambdas.split(",")]
+    lambdas = _lambdas(args.lambdas)
     report = evaluate_run(args.run, epoch=args.epoch, k=args.k, metric=args.metric, kind=args.kind,
                           temperature=args.temperature, lambdas=lambdas, out_dir=args.out)
     print(format_report(report))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import out_folder
 from ..probe.report import write_outputs
 from ..probe.run import ProbeConfig, run_probe
 
@@ -14,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", required=True,
                    help="wikipedia or news (gensim stand-ins for Wikitext-103 / 1BW), or a text file / folder "
                         "(one sample per line)")
-    p.add_argument("--out", required=True, help="output folder (results.json, PNGs, summary.md)")
+    p.add_argument("--out", type=out_folder, required=True, help="output folder (results.json, PNGs, summary.md)")
     p.add_argument("--max-samples", type=int, default=None, help="random subset of at most N samples (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128, help="truncate samples to this many tokens (default 128)")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from . import out_folder
+from ..boundary import run_guarded
 from ..reproduce.run import reproduce
 from ..reproduce.stages import STAGES
 
@@ -23,7 +24,7 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
     scale.add_argument("--paper", dest="scale", action="store_const", const="paper",
                        help="the paper's settings (Tables 5 and 6, all checkpoints, 500 probe samples): hours on CPU")
     p.set_defaults(scale="quick")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default reproduce-<scale>); a rerun into "
+    p.add_argument("--out", type=out_folder, default=None, help="output folder (default reproduce-<scale>); a rerun into "
                    "the same folder skips the stages already done with the same settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     # A JSON {stage: {setting: value}} over the scale's settings (tests; documented in docs/reproduce.md).
@@ -51,12 +52,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def script_main(doc: str, stages: list[str], argv=None) -> int:
-    """main() of a scripts/ wrapper: `--quick | --paper`, `--out`, then reproduce(only=stages); errors exit 2."""
+    """main() of a scripts/ wrapper: `--quick | --paper`, `--out`, then reproduce(only=stages); errors exit as
+`metaclm` ones do (metaclm_ext.boundary)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_scale_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_from_args(args, stages)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_guarded(parser.prog, lambda: run_from_args(args, stages))

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from . import out_folder
 from ..dtypes import HISTORY_DTYPE_NAMES
 from ..training import PRESETS, TrainConfig, make_config
 from ..training.loop import resume, train
@@ -15,7 +16,7 @@ _FLAG_TYPES = {"int": int, "Optional[int]": int, "float": float, "Optional[float
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the paper's GPT-2 design model (presets table5, table6, tiny)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="table5")
-    p.add_argument("--out", type=Path, default=None, help="RUN_DIR to create")
+    p.add_argument("--out", type=out_folder, default=None, help="RUN_DIR to create")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint (no other flags)")
     p.add_argument("--data", type=Path, default=None, help="dataset folder from `metaclm data` (default: generate)")

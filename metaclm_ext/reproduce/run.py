@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 import traceback
@@ -18,11 +19,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from ..locks import try_lock
 from .provenance import commit, machine
 from .stages import SCALES, SETTINGS, STAGES, Context
 
 DONE, FAILED, SKIPPED, NOT_SELECTED = "done", "failed", "skipped", "not selected"
 BY_NAME = {s.name: s for s in STAGES}
+LOCK_FILE = "reproduce.lock"
 
 
 def stage_settings(scale: str, overrides: Optional[dict] = None) -> dict:
@@ -122,15 +125,28 @@ def reproduce(out_dir, scale: str = "quick", only=None, settings: Optional[dict]
     """Run the stages (``only``: those named and what they need) into ``out_dir``, then write REPORT.md.
 
     ``settings`` overrides single settings per stage ({stage: {setting: value}}, see SETTINGS). Returns
-    {"records": {stage: record}, "failed": [stages not done among those selected], "report": path}.
+    {"records": {stage: record}, "failed": [stages not done among those selected], "report": path}. One run
+    per folder: a second one into the same OUT fails at once (ValueError) while the first holds OUT/reproduce.lock.
     """
-    from .report import write_report
-
     cfgs = stage_settings(scale, settings)
     chosen = selected_stages(only)
     keys = stage_keys(cfgs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = try_lock(out / LOCK_FILE)
+    if lock is None:
+        raise ValueError(f"another `metaclm reproduce` is running into {out} ({out / LOCK_FILE} is locked): wait "
+                         "for it to finish or choose another --out")
+    try:
+        return _run_stages(out, scale, cfgs, chosen, keys, progress)
+    finally:
+        os.close(lock)
+
+
+def _run_stages(out: Path, scale: str, cfgs: dict, chosen: list[str], keys: dict, progress: bool) -> dict:
+    """The body of reproduce(), run while it holds the lock on OUT."""
+    from .report import write_report
+
     print(f"metaclm reproduce: scale {scale}, {len(chosen)} of {len(STAGES)} stages, into {out}")
     ctx = Context({s.name: out / "stages" / s.name for s in STAGES}, progress)
     code = commit()

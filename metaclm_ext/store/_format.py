@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import stat
 import zlib
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Optional
@@ -85,19 +86,53 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, parts: list) -> tuple[int, int]:
-    """Write `parts` (bytes-like) to `path` via a fsynced temporary file and a rename: (bytes, crc32)."""
+    """Write `parts` (bytes-like) to `path` via a fsynced temporary file and a rename: (bytes, crc32).
+
+    A failed write (ENOSPC, EIO) removes its temporary file, so it neither holds the space nor replaces `path`.
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
     crc, nbytes = 0, 0
-    with open(tmp, "wb") as f:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            f.write(view)
-            crc = zlib.crc32(view, crc)
-            nbytes += view.nbytes
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                if memoryview(part).nbytes == 0:
+                    continue  # an empty array has no byte view
+                view = memoryview(part).cast("B")
+                f.write(view)
+                crc = zlib.crc32(view, crc)
+                nbytes += view.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return nbytes, crc
+
+
+def open_regular(path: Path, what: str):
+    """`path` opened for binary reading, or StoreError unless it is a regular file inside no symlink.
+
+    Opened non-blocking and checked with fstat before any read: a FIFO or a device in place of a store
+    file would otherwise block the reader forever. A symlink is refused because it can point outside
+    the store.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise StoreError(f"{what} {path} is missing") from None
+    except OSError as exc:
+        detail = "is a symlink" if os.path.islink(path) else f"cannot be opened ({exc.strerror})"
+        raise StoreError(f"{what} {path} {detail}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise StoreError(f"{what} {path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def npy_header(dtype: np.dtype, shape: tuple) -> bytes:
@@ -107,20 +142,21 @@ def npy_header(dtype: np.dtype, shape: tuple) -> bytes:
     return buf.getvalue()
 
 
-def _read_npy_header(path: Path) -> tuple[tuple, bool, np.dtype, int]:
-    """(shape, fortran_order, dtype, data offset) of a .npy file, or StoreError naming it."""
-    try:
-        with open(path, "rb") as f:
+def _read_npy_header(path: Path) -> tuple[tuple, bool, np.dtype, int, int]:
+    """(shape, fortran_order, dtype, data offset, file size) of a .npy file, or StoreError naming it.
+
+    The size comes from the open file (fstat), so a writer replacing the file meanwhile cannot make it fail.
+    """
+    with open_regular(path, "shard file") as f:
+        try:
             version = np.lib.format.read_magic(f)
             read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
             if version not in read:
                 raise ValueError(f"unsupported .npy version {version}")
             shape, fortran, dtype = read[version](f)
-            return shape, fortran, dtype, f.tell()
-    except FileNotFoundError:
-        raise StoreError(f"shard file {path} is missing") from None
-    except (ValueError, OSError, SyntaxError) as exc:
-        raise StoreError(f"shard file {path} has no valid .npy header ({exc})") from None
+            return shape, fortran, dtype, f.tell(), os.fstat(f.fileno()).st_size
+        except Exception as exc:  # numpy parses the header with Python's tokenizer: TokenError, SyntaxError, ...
+            raise StoreError(f"shard file {path} has no valid .npy header ({type(exc).__name__}: {exc})") from None
 
 
 def crc_span(f, nbytes: int, crc: int, path: Path, on_bytes: Optional[Callable[[int], None]] = None) -> int:
@@ -191,13 +227,17 @@ def load_manifest(root: Path) -> tuple[dict, dict[str, Spec]]:
     if not root.is_dir():
         raise StoreError(f"history store {root} is not a directory")
     path = root / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        raise StoreError(f"{root} is not a history store: {path} is missing")
+    with open_regular(path, "manifest") as f:
+        text = f.read()
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"{root} is not a history store: {path} is missing") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StoreError(f"manifest {path} is not valid JSON ({exc})") from None
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; deep nesting recurses
+        raise StoreError(f"manifest {path} is not valid JSON ({type(exc).__name__}: {exc})") from None
     try:
+        if not isinstance(manifest, dict):
+            raise TypeError(f"the top level must be an object, got {type(manifest).__name__}")
         if manifest.get("format") != FORMAT:
             raise ValueError(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
         if manifest.get("version") != VERSION:
@@ -209,18 +249,20 @@ def load_manifest(root: Path) -> tuple[dict, dict[str, Spec]]:
         total, ids = 0, set()
         for i, shard in enumerate(manifest["shards"]):
             rows, sid = shard["rows"], shard["id"]
-            if not isinstance(rows, int) or not 0 < rows <= shard_rows:
+            if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows <= shard_rows:
                 raise ValueError(f"shard {i} has {rows!r} rows (must be in [1, shard_rows = {shard_rows}])")
-            if not isinstance(sid, int) or sid < 0 or sid in ids:
+            if isinstance(sid, bool) or not isinstance(sid, int) or sid < 0 or sid in ids:
                 raise ValueError(f"shard {i} has a bad or repeated id {sid!r}")
             ids.add(sid)
             if set(shard["files"]) != set(specs):
                 raise ValueError(f"shard {i} has files for {sorted(shard['files'])}, expected {sorted(specs)}")
             for name, entry in shard["files"].items():
+                if not isinstance(entry["path"], str):
+                    raise TypeError(f"shard {i} file path {entry['path']!r} must be a string")
                 rel = Path(entry["path"])
-                if rel.is_absolute() or ".." in rel.parts:
+                if rel.is_absolute() or ".." in rel.parts or not rel.parts:
                     raise ValueError(f"shard {i} file path {entry['path']!r} leaves the store")
-                if not isinstance(entry["bytes"], int) or not isinstance(entry["crc32"], int):
+                if not all(isinstance(entry[key], int) and not isinstance(entry[key], bool) for key in ("bytes", "crc32")):
                     raise ValueError(f"shard {i} file {entry['path']!r} needs int bytes and crc32")
             total += rows
         if manifest["rows"] != total:
@@ -229,7 +271,7 @@ def load_manifest(root: Path) -> tuple[dict, dict[str, Spec]]:
             raise ValueError("attrs must be an object")
     except StoreError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
         raise StoreError(f"manifest {path} is malformed: {detail}") from None
     return manifest, specs
@@ -241,21 +283,33 @@ def write_manifest(root: Path, manifest: dict) -> None:
     fsync_dir(root)
 
 
+def check_inside(root: Path, path: Path, what: str) -> None:
+    """StoreError unless `path`, with every symlink resolved, lies inside the store at `root`.
+
+    The manifest's relative paths are checked when it loads; this catches a symlinked folder on the way.
+    """
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise StoreError(f"{what} {path} leaves the store {root} (through a symlink)")
+
+
 def open_shard_files(root: Path, manifest: dict, specs: dict[str, Spec]) -> dict[str, list[ShardFile]]:
     """Per name, the shard files in row order, each checked against the manifest (exists, size, header)."""
     files: dict[str, list[ShardFile]] = {name: [] for name in specs}
+    folders_inside = set()  # each folder resolved once; the file itself is opened with O_NOFOLLOW
     for shard in manifest["shards"]:
         for name, spec in specs.items():
             entry = shard["files"][name]
             path = root / entry["path"]
-            shape, fortran, dtype, offset = _read_npy_header(path)
+            if path.parent not in folders_inside:
+                check_inside(root, path.parent, "shard folder")
+                folders_inside.add(path.parent)
+            shape, fortran, dtype, offset, size = _read_npy_header(path)
             want_shape = (shard["rows"], *spec.row_shape)
             if fortran or dtype != DISK_DTYPES[spec.dtype] or tuple(shape) != want_shape:
                 raise StoreError(
                     f"shard file {path} holds {dtype} {list(shape)}{' (Fortran order)' if fortran else ''} but "
                     f"the manifest says {spec.name} is {spec.dtype} {list(want_shape)} (stored as {DISK_DTYPES[spec.dtype]})"
                 )
-            size = path.stat().st_size
             expected = offset + shard["rows"] * spec.row_bytes
             if size != entry["bytes"] or size != expected:
                 raise StoreError(

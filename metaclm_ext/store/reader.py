@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ..dtypes import HISTORY_DTYPE_NAMES
 from ..stream import DEFAULT_CHUNK_BYTES
 from ._format import (BUFFER_DTYPES, COLUMN_DTYPES, DEFAULT_READAHEAD, DISK_DTYPES, MANIFEST, ShardFile, Spec,
-                      StoreError, check_int, checksum_error, crc_span, load_manifest, open_shard_files)
+                      StoreError, check_int, checksum_error, crc_span, load_manifest, open_regular,
+                      open_shard_files)
 
 __all__ = ["HistoryStore", "StoreField"]
 
@@ -44,10 +45,7 @@ class _RowReader:
 
     def _open(self, i: int) -> None:
         sf = self.files[i]
-        try:
-            self.f = open(sf.path, "rb", buffering=0)
-        except FileNotFoundError:
-            raise StoreError(f"shard file {sf.path} is missing") from None
+        self.f = open_regular(sf.path, "shard file")
         self.shard = i
         skip = sf.offset + (self.pos - self.starts[i]) * self.row_bytes
         if self.verify:
@@ -231,6 +229,23 @@ def _chunk_buffer(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 
 
+def _open_consistent(root: Path, attempts: int = 3) -> tuple[dict, dict[str, Spec], dict[str, list[ShardFile]]]:
+    """A manifest, its specs and its checked shard files, all of one commit.
+
+    A writer committing while the store opens replaces the partial last shard and deletes its files, so
+    a file the manifest just read names can vanish: when the manifest changed meanwhile, it is read again.
+    """
+    for _ in range(attempts):
+        manifest, specs = load_manifest(root)
+        try:
+            return manifest, specs, open_shard_files(root, manifest, specs)
+        except StoreError:
+            if load_manifest(root)[0] == manifest:
+                raise  # the store is damaged, not moving
+    raise StoreError(f"history store {root} changed while it was being opened ({attempts} times): a writer is "
+                     "committing to it; open it again after the writer flushes or closes")
+
+
 class HistoryStore:
     """A history store opened read-only.
 
@@ -249,8 +264,7 @@ class HistoryStore:
             raise ValueError(f"readahead must be >= 0, got {readahead}")
         self.path = Path(path)
         self.chunk_bytes, self.readahead, self.verify_reads = int(chunk_bytes), int(readahead), bool(verify)
-        self._manifest, self._specs = load_manifest(self.path)
-        self._files = open_shard_files(self.path, self._manifest, self._specs)
+        self._manifest, self._specs, self._files = _open_consistent(self.path)
         self._starts = [0]
         for shard in self._manifest["shards"]:
             self._starts.append(self._starts[-1] + shard["rows"])
@@ -342,14 +356,12 @@ class HistoryStore:
                   disable=not progress) as bar:
             for sf in files:
                 try:
-                    with open(sf.path, "rb", buffering=0) as f:
+                    with open_regular(sf.path, "shard file") as f:
                         crc = crc_span(f, sf.nbytes, 0, sf.path, bar.update)
                         if f.read(1):
                             raise StoreError(f"shard file {sf.path} is longer than the manifest says")
                     if crc != sf.crc32:
                         raise checksum_error(sf, crc)
-                except FileNotFoundError:
-                    problems.append(f"shard file {sf.path} is missing")
                 except StoreError as exc:
                     problems.append(str(exc))
         if problems:

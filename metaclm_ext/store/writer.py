@@ -4,7 +4,6 @@ every committed row and can be resumed.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -14,9 +13,10 @@ import numpy as np
 import torch
 
 from ..dtypes import HISTORY_DTYPE_NAMES
+from ..locks import try_lock
 from ._format import (COLUMN_DTYPES, DATA_DIR, DEFAULT_SHARD_ROWS, DISK_DTYPES, FORMAT, LOCK_FILE, TMP_SUFFIX,
-                      VERSION, Spec, StoreError, check_int, check_specs, fsync_dir, load_manifest, npy_header,
-                      write_atomic, write_manifest)
+                      VERSION, Spec, StoreError, check_inside, check_int, check_specs, fsync_dir, load_manifest,
+                      npy_header, write_atomic, write_manifest)
 from .reader import HistoryStore
 
 __all__ = ["HistoryWriter"]
@@ -87,8 +87,7 @@ class HistoryWriter:
         ``attrs`` JSON-serialisable run information kept in the manifest.
         """
         root = Path(path)
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise FileExistsError(f"cannot create a history store at {root}: it exists and is not an empty directory")
+        _check_empty(root)  # before the lock file is made: a folder that is not ours stays untouched
         specs = check_specs(fields, columns or {})
         if check_int("shard_rows", shard_rows) <= 0:
             raise ValueError(f"shard_rows must be positive, got {shard_rows}")
@@ -109,10 +108,15 @@ class HistoryWriter:
         }
         root.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(root)
-        for name in specs:
-            (root / DATA_DIR / name).mkdir(parents=True, exist_ok=True)
-        fsync_dir(root / DATA_DIR)
-        write_manifest(root, manifest)
+        try:
+            _check_empty(root)  # again under the lock: another creator may have committed rows meanwhile
+            for name in specs:
+                (root / DATA_DIR / name).mkdir(parents=True, exist_ok=True)
+            fsync_dir(root / DATA_DIR)
+            write_manifest(root, manifest)
+        except BaseException:
+            os.close(lock_fd)
+            raise
         return cls(root, manifest, specs, lock_fd)
 
     @classmethod
@@ -128,8 +132,10 @@ class HistoryWriter:
         try:
             manifest, specs = load_manifest(root)  # re-read under the lock
             referenced = {root / f["path"] for shard in manifest["shards"] for f in shard["files"].values()}
+            check_inside(root, root / DATA_DIR, "data folder")
             for name in specs:
                 folder = root / DATA_DIR / name
+                check_inside(root, folder, "data folder")  # leftovers are deleted: never outside the store
                 folder.mkdir(parents=True, exist_ok=True)
                 for leftover in folder.iterdir():
                     if leftover.is_file() and leftover.name.endswith((".npy", TMP_SUFFIX)) and leftover not in referenced:
@@ -187,21 +193,31 @@ class HistoryWriter:
         if len(set(lengths.values())) > 1:
             raise ValueError(f"batch entries have different row counts: {lengths}")
         n = next(iter(lengths.values()))
-        done = 0
-        while done < n:
-            take = min(n - done, self.shard_rows - self._buffered)
+        room = self.shard_rows - self._buffered
+        if n < room:
             for name, r in rows.items():
-                self._buffers[name][self._buffered : self._buffered + take] = r[done : done + take]
-            self._buffered += take
-            done += take
-            if self._buffered == self.shard_rows:
-                self._commit()
+                self._buffers[name][self._buffered : self._buffered + n] = r
+            self._buffered += n
+            return
+        # The batch fills the open shard and maybe more: the full shards are written straight from the batch
+        # and committed in one manifest write, and the buffers change only after that commit, so an append
+        # that fails (ENOSPC, EIO) leaves the writer as it was and can be retried.
+        full_rows = room + (n - room) // self.shard_rows * self.shard_rows
+        shards = [{name: [self._buffers[name][: self._buffered], r[:room]] for name, r in rows.items()}]
+        shards += [{name: [r[start : start + self.shard_rows]] for name, r in rows.items()}
+                   for start in range(room, full_rows, self.shard_rows)]
+        self._commit([(self.shard_rows, parts) for parts in shards])
+        for name, r in rows.items():
+            self._buffers[name][: n - full_rows] = r[full_rows:]
+        self._buffered, self._open_committed = n - full_rows, 0
 
     def flush(self) -> None:
         """Commit the buffered rows now (as a partial shard, rewritten whole when it fills up)."""
         self._check_open()
         if self._buffered > self._open_committed:
-            self._commit()
+            rows = self._buffered
+            self._commit([(rows, {name: [buf[:rows]] for name, buf in self._buffers.items()})])
+            self._open_committed = rows
 
     def close(self) -> None:
         """Commit the buffered rows and release the store. Idempotent."""
@@ -250,39 +266,48 @@ class HistoryWriter:
         if self.closed:
             raise ValueError(f"HistoryWriter for {self.path} is closed")
 
-    def _commit(self) -> None:
-        """Write the buffered rows as a new shard and commit it in the manifest (replacing the partial last
-        shard they extend, whose files are deleted only after the commit)."""
-        rows, sid = self._buffered, self._next_id
-        files = {}
-        for name, buf in self._buffers.items():
-            rel = f"{DATA_DIR}/{name}/{sid:08d}.npy"
-            data = buf[:rows]
-            nbytes, crc = write_atomic(self.path / rel, [npy_header(data.dtype, data.shape), data])
-            files[name] = {"path": rel, "bytes": nbytes, "crc32": crc}
-        for name in self._buffers:
+    def _commit(self, shards: list[tuple[int, dict]]) -> None:
+        """Write `shards` ([(rows, {name: [row arrays]})], the first one starting with the open shard's
+        buffered rows) as new shard files and commit them in one manifest write, replacing the partial last
+        shard they extend, whose files are deleted only after the commit.
+
+        Nothing in the writer changes unless the commit lands; the files of a failed commit are
+        unreferenced (the next commit overwrites them, resume deletes them).
+        """
+        sid = self._next_id
+        entries = []
+        for rows, parts in shards:
+            files = {}
+            for name, arrays in parts.items():
+                spec = self._specs[name]
+                rel = f"{DATA_DIR}/{name}/{sid:08d}.npy"
+                header = npy_header(DISK_DTYPES[spec.dtype], (rows, *spec.row_shape))
+                nbytes, crc = write_atomic(self.path / rel, [header, *arrays])
+                files[name] = {"path": rel, "bytes": nbytes, "crc32": crc}
+            entries.append({"id": sid, "rows": rows, "files": files})
+            sid += 1
+        for name in self._specs:
             fsync_dir(self.path / DATA_DIR / name)
-        shards = list(self._manifest["shards"])
-        replaced = shards.pop() if self._open_committed else None
-        shards.append({"id": sid, "rows": rows, "files": files})
-        manifest = {**self._manifest, "rows": sum(s["rows"] for s in shards), "shards": shards}
+        committed = list(self._manifest["shards"])
+        replaced = committed.pop() if self._open_committed else None
+        committed += entries
+        manifest = {**self._manifest, "rows": sum(s["rows"] for s in committed), "shards": committed}
         write_manifest(self.path, manifest)
-        self._manifest, self._next_id = manifest, sid + 1
+        self._manifest, self._next_id = manifest, sid
         if replaced is not None:
             for entry in replaced["files"].values():
                 (self.path / entry["path"]).unlink(missing_ok=True)
-        if rows == self.shard_rows:
-            self._buffered = self._open_committed = 0
-        else:
-            self._open_committed = rows
+
+
+def _check_empty(root: Path) -> None:
+    """FileExistsError unless `root` is absent or an empty folder (a lock file left by a failed create aside)."""
+    if root.exists() and (not root.is_dir() or any(p.name != LOCK_FILE for p in root.iterdir())):
+        raise FileExistsError(f"cannot create a history store at {root}: it exists and is not an empty directory")
 
 
 def _lock(root: Path) -> int:
     """An exclusive lock on the store's writer.lock (released by the kernel if the writer dies)."""
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreError(f"another HistoryWriter has {root} open ({root / LOCK_FILE} is locked)") from None
+    fd = try_lock(root / LOCK_FILE)
+    if fd is None:
+        raise StoreError(f"another HistoryWriter has {root} open ({root / LOCK_FILE} is locked)")
     return fd

@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import GPT2LMHeadModel
 
 from .. import data as datamod
 from ..store import MANIFEST, HistoryStore
@@ -20,7 +19,8 @@ from .batches import IGNORE, evaluate, lm_loss, make_batch
 from .config import TrainConfig, validate_config
 from .history import open_recorder, step_metadata
 from .model import build_model, count_parameters, resolve_device
-from .runs import CONFIG, TRAIN_STATE, checkpoint_dir, history_path, load_run, load_train_state, save_train_state
+from .runs import (CONFIG, TRAIN_STATE, checkpoint_dir, history_path, load_checkpoint, load_run, load_train_state,
+                   save_train_state)
 
 __all__ = ["resume", "train"]
 
@@ -108,7 +108,7 @@ def resume(run_dir: Path, progress: bool = True) -> dict:
     device = resolve_device(run.config.device)
     folder = checkpoint_dir(run_dir, epoch)
     state = load_train_state(folder)
-    model = GPT2LMHeadModel.from_pretrained(folder).to(device)
+    model = load_checkpoint(run_dir, epoch, device=str(device))
     opt = _optimizer(run.config, model)
     opt.load_state_dict(state["optimizer"])
     sched = _scheduler(run.config, opt, run.info["total_steps"])

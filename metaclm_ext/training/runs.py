@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import data as datamod
-from .config import TrainConfig
+from .config import TrainConfig, validate_config
 from .model import quiet_transformers
 
 __all__ = ["CONFIG", "TRAIN_STATE", "Run", "checkpoint_dir", "epoch_limits", "history_path", "load_checkpoint",
@@ -63,16 +63,46 @@ def load_run(run_dir) -> Run:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no {CONFIG}; make one with `metaclm train`)")
-    try:
-        info = json.loads((run_dir / CONFIG).read_text())
-        cfg = TrainConfig(**info["config"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{run_dir / CONFIG} is not a `metaclm train` config ({type(exc).__name__}: {exc})") from None
+    cfg, info = _read_run_config(run_dir / CONFIG)
     losses_path = run_dir / "losses.json"
     losses = json.loads(losses_path.read_text()) if losses_path.is_file() else {}
     epochs = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("epoch_*")
                     if p.is_dir() and p.name.split("_")[1].isdigit())
     return Run(run_dir, cfg, info, datamod.load(run_dir / "data"), losses, epochs)
+
+
+def _read_run_config(path: Path) -> tuple[TrainConfig, dict]:
+    """The validated TrainConfig of a run's config.json and the file's content, or ValueError naming it."""
+    try:
+        info = json.loads(path.read_text())
+        cfg = TrainConfig(**info["config"])
+        validate_config(cfg)
+        if isinstance(info["n_positions"], bool) or not isinstance(info["n_positions"], int) or info["n_positions"] <= 0:
+            raise ValueError(f"n_positions must be a positive int, got {info['n_positions']!r}")
+    except KeyError as exc:
+        raise ValueError(f"{path} is not a run config: it has no key {exc}") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"{path} is not a valid run config ({type(exc).__name__}: {exc})") from None
+    return cfg, info
+
+
+def _check_checkpoint_config(run: Run, folder: Path) -> None:
+    """ValueError unless the checkpoint's model config is the run's: a config that disagrees (n_layer =
+    100000) would otherwise build whatever model it describes before the weights fail to fit it."""
+    path = folder / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    cfg = run.config
+    want = {"model_type": "gpt2", "vocab_size": len(datamod.VOCAB), "n_positions": run.info["n_positions"],
+            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.n_inner}
+    wrong = {key: saved.get(key) for key, value in want.items() if saved.get(key) != value}
+    if wrong:
+        raise ValueError(f"checkpoint {folder} does not belong to run {run.path}: its config has "
+                         + ", ".join(f"{k} = {v!r} (the run's: {want[k]!r})" for k, v in wrong.items()))
 
 
 def load_checkpoint(run_dir, epoch: Optional[int] = None, device: str = "cpu"):
@@ -87,16 +117,10 @@ def load_checkpoint(run_dir, epoch: Optional[int] = None, device: str = "cpu"):
     epoch = run.epochs[-1] if epoch is None else epoch
     if epoch not in run.epochs:
         raise FileNotFoundError(f"{run_dir} has no checkpoint for epoch {epoch} (has {run.epochs})")
-    folder = checkpoint_dir(run_dir, epoch)
-    saved = json.loads((folder / "config.json").read_text())
-    cfg = run.config
-    expected = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_inner": cfg.n_inner,
-                "vocab_size": len(datamod.VOCAB)}
-    wrong = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
-    if wrong:
-        raise ValueError(f"checkpoint {folder} does not belong to its run: " +
-                         ", ".join(f"{k} = {s} where the run has {r}" for k, (s, r) in wrong.items()))
-    return GPT2LMHeadModel.from_pretrained(folder).to(device).eval()
+    folder = checkpoint_dir(run.path, epoch)
+    _check_checkpoint_config(run, folder)
+    # safetensors only: a pickled pytorch_model.bin someone put in the run folder is never loaded
+    return GPT2LMHeadModel.from_pretrained(folder, use_safetensors=True).to(device).eval()
 
 
 def epoch_limits(epoch_column: np.ndarray, epochs: list[int]) -> dict[int, int]:
