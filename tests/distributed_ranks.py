@@ -1,0 +1,250 @@
+"""One rank of the gloo process groups that tests/test_distributed.py starts.
+
+    python tests/distributed_ranks.py RANK WORLD PORT OUT_DIR SCENARIO_SET [STORE]
+
+Runs the scenarios of SCENARIO_SET ("main": every comparison with the single-process operators and the
+errors every rank must raise; "dead"/"hung": the last rank dies/stops answering before the operator;
+"nccl": the comparison on CUDA tensors over NCCL) and writes each one's
+outcome ("ok", or the failure) to OUT_DIR/rank<RANK>.json. Every rank builds the same data from fixed
+seeds and computes the single-process answer on the whole history itself, so it can compare on its own.
+"""
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import metaclm_ext  # noqa: E402
+from helpers import assert_selection_equal, dual_form_scale, label_mass_scale, small_ints  # noqa: E402
+from metaclm_ext import distributed as mdist  # noqa: E402
+from metaclm_ext.store import HistoryStore  # noqa: E402
+
+GROUP_TIMEOUT_S = 10  # how long a collective waits for a dead rank; the tests assert the bound
+N, HEADS, HEAD_DIM, K, LABELS, D_OUT, Q = 2000, 2, 4, 5, 7, 3, 14
+
+
+def cuts(world: int) -> list[int]:
+    """Uneven parts; with 3 ranks rank 0 holds none."""
+    return {1: [0, N], 2: [0, 700, N], 3: [0, 0, 1234, N]}[world]
+
+
+def limits(world: int) -> torch.Tensor:
+    """Limits at, around and between every rank boundary, and at 0 and N."""
+    points = sorted({0, 1, 5, N - 1, N, *(c + d for c in cuts(world) for d in (-1, 0, 1))})
+    points = [p for p in points if 0 <= p <= N]
+    return torch.tensor((points * Q)[:Q], dtype=torch.int64)
+
+
+def int_data(dtype=torch.float32):
+    """Integer-valued history, queries, labels, inputs and errors: every sum is exact, scores tie often."""
+    gen = torch.Generator().manual_seed(7)
+    return {
+        "history": small_ints((N, HEADS * HEAD_DIM), gen, dtype=dtype),
+        "queries": small_ints((Q, HEADS, HEAD_DIM), gen),
+        "labels": torch.randint(0, LABELS, (N,), generator=gen),
+        "inputs": small_ints((N, HEADS * HEAD_DIM), gen, dtype=dtype),
+        "errors": small_ints((N, D_OUT), gen, dtype=dtype),
+        "dual_queries": small_ints((Q, HEADS * HEAD_DIM), gen),
+    }
+
+
+def float_data():
+    gen = torch.Generator().manual_seed(11)
+    return {
+        "history": torch.randn(N, HEADS * HEAD_DIM, generator=gen),
+        "queries": torch.randn(Q, HEADS, HEAD_DIM, generator=gen),
+        "labels": torch.randint(0, LABELS, (N,), generator=gen),
+        "inputs": torch.randn(N, HEADS * HEAD_DIM, generator=gen),
+        "errors": torch.randn(N, D_OUT, generator=gen),
+        "dual_queries": torch.randn(Q, HEADS * HEAD_DIM, generator=gen),
+    }
+
+
+def single_process(data, limit, **kw):
+    return (
+        metaclm_ext.history_topk(data["queries"], data["history"], K, limit=limit, **kw),
+        metaclm_ext.history_label_mass(data["queries"], data["history"], data["labels"], LABELS, limit=limit, **kw),
+        metaclm_ext.dual_form_apply(data["dual_queries"], data["inputs"], data["errors"], limit=limit, **kw),
+    )
+
+
+def distributed(data, limit, start, stop, row_offset=None, **kw):
+    part = {name: data[name][start:stop] for name in ("history", "labels", "inputs", "errors")}
+    return (
+        mdist.history_topk(data["queries"], part["history"], K, limit=limit, row_offset=row_offset, **kw),
+        mdist.history_label_mass(data["queries"], part["history"], part["labels"], LABELS, limit=limit,
+                                 row_offset=row_offset, **kw),
+        mdist.dual_form_apply(data["dual_queries"], part["inputs"], part["errors"], limit=limit,
+                              row_offset=row_offset, **kw),
+    )
+
+
+def assert_bitwise(got, want):
+    for g, w in zip(got[0], want[0]):
+        assert_selection_equal(g, w)
+    assert torch.equal(got[1], want[1]), (got[1] - want[1]).abs().max()
+    assert torch.equal(got[2], want[2]), (got[2] - want[2]).abs().max()
+
+
+def my_part(rank, world):
+    c = cuts(world)
+    return c[rank], c[rank + 1]
+
+
+# -- scenarios ---------------------------------------------------------------------------------------
+
+
+def integers_uneven(rank, world, store):
+    data = int_data()
+    for limit in (limits(world), None, N // 2):
+        assert_bitwise(distributed(data, limit, *my_part(rank, world)), single_process(data, limit))
+
+
+def integers_fp16_small_chunks(rank, world, store):
+    data, limit = int_data(torch.float16), limits(world)
+    got = distributed(data, limit, *my_part(rank, world), chunk_rows=64)
+    assert_bitwise(got, single_process(data, limit, chunk_rows=64))
+
+
+def random_floats(rank, world, store):
+    data, limit = float_data(), limits(world)
+    got, want = distributed(data, limit, *my_part(rank, world)), single_process(data, limit)
+    for g, w in zip(got[0], want[0]):  # scores are distinct: the same rows with the same fp32 scores
+        assert_selection_equal(g, w)
+    scale = label_mass_scale(data["queries"], data["history"])
+    assert bool(((got[1].double() - want[1].double()).abs() <= 1e-6 * scale).all())
+    scale = dual_form_scale(data["dual_queries"], data["inputs"], data["errors"])
+    assert bool(((got[2].double() - want[2].double()).abs() <= 1e-6 * scale).all())
+
+
+def offsets_out_of_rank_order(rank, world, store):
+    """Rank r holds the part world-1-r: parts are merged in global row order, not rank order."""
+    data, limit = int_data(), limits(world)
+    start, stop = my_part(world - 1 - rank, world)
+    assert_bitwise(distributed(data, limit, start, stop, row_offset=start), single_process(data, limit))
+
+
+def answer_on_rank_0_only(rank, world, store):
+    data, limit = int_data(), limits(world)
+    got = distributed(data, limit, *my_part(rank, world), dst=0)
+    if rank == 0:
+        assert_bitwise(got, single_process(data, limit))
+    else:
+        assert got == (None, None, None), got
+
+
+def store_row_ranges(rank, world, store):
+    """Each rank streams only its shards of one store (split_store); the answer is the whole store's."""
+    whole = HistoryStore(store)
+    start, stop = mdist.split_store(whole, world)[rank]
+    part = whole.rows(start, stop)
+    data = int_data()
+    limit = limits(world)
+    got = (mdist.history_topk(data["queries"], part["history"], K, limit=limit),
+           mdist.history_label_mass(data["queries"], part["history"], part["labels"], LABELS, limit=limit),
+           mdist.dual_form_apply(data["dual_queries"], part["inputs"], part["errors"], limit=limit))
+    want = single_process({**data, **{n: whole[n] for n in ("history", "labels", "inputs", "errors")}}, limit)
+    assert_bitwise(got, want)
+
+
+def expect_error(kind, text, call):
+    """`call` must raise `kind` with `text` in its message on this rank, soon."""
+    began = time.monotonic()
+    try:
+        call()
+    except kind as exc:
+        assert text in str(exc), f"{text!r} not in {str(exc)!r}"
+        assert time.monotonic() - began < GROUP_TIMEOUT_S / 2, "the error took as long as a timeout"
+        return str(exc)
+    raise AssertionError(f"no {kind.__name__} raised")
+
+
+def nan_rows_name_the_first_global_row(rank, world, store):
+    data = int_data()
+    data["history"][650] = float("nan")  # rank 0 with 2 ranks, rank 1 with 3
+    data["history"][1500] = float("inf")  # the last rank
+    data["errors"][1300] = float("nan")
+    single = expect_error(ValueError, "history row 650 contains NaN or Inf",
+                          lambda: metaclm_ext.history_topk(data["queries"], data["history"], K))
+    start, stop = my_part(rank, world)
+    expect_error(ValueError, single, lambda: distributed(data, None, start, stop))
+    expect_error(ValueError, "errors row 1300 contains NaN or Inf", lambda: mdist.dual_form_apply(
+        data["dual_queries"], data["inputs"][start:stop], data["errors"][start:stop]))
+
+
+def bad_input_on_one_rank(rank, world, store):
+    data = int_data()
+    start, stop = my_part(rank, world)
+    history = data["history"][start:stop]
+    wrong = history.to(torch.int32) if rank == world - 1 else history
+    expect_error(TypeError, f"failed on rank {world - 1} of {world}: history must be a float tensor",
+                 lambda: mdist.history_topk(data["queries"], wrong, K))
+    expect_error(ValueError, "k must be in [1, N = 2000]", lambda: mdist.history_topk(data["queries"], history, N + 1))
+    queries = data["queries"] + (rank == 1)
+    expect_error(ValueError, "the ranks were given different queries", lambda: mdist.history_topk(queries, history, K))
+    expect_error(ValueError, "must tile the history", lambda: mdist.history_topk(
+        data["queries"], history, K, row_offset=start + (rank == world - 1)))
+
+
+MAIN = [integers_uneven, integers_fp16_small_chunks, random_floats, offsets_out_of_rank_order, answer_on_rank_0_only,
+        store_row_ranges, nan_rows_name_the_first_global_row, bad_input_on_one_rank]
+
+
+def on_cuda(rank, world, store):
+    """NCCL: states exchanged as CUDA tensors, the answer that of the single process on the GPU."""
+    device = torch.device("cuda", rank)
+    data = {name: t.to(device) for name, t in int_data().items()}
+    limit = limits(world).to(device)
+    assert_bitwise(distributed(data, limit, *my_part(rank, world)), single_process(data, limit))
+
+
+def lost_rank(rank, world, outcomes, how):
+    """The last rank dies ("dead") or stops answering ("hung"); the others must raise, naming the group,
+    within the group's timeout."""
+    data = int_data()
+    if rank == world - 1:
+        if how == "hung":
+            time.sleep(GROUP_TIMEOUT_S + 5)
+        os._exit(3)
+    began = time.monotonic()
+    try:
+        mdist.history_topk(data["queries"], data["history"][: N // world], K, row_offset=rank * (N // world))
+    except mdist.DistributedHistoryError as exc:
+        outcomes[how] = {"error": str(exc), "seconds": time.monotonic() - began}
+        return
+    outcomes[how] = {"error": None, "seconds": time.monotonic() - began}
+
+
+def main():
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    scenario_set, store = sys.argv[5], (sys.argv[6] if len(sys.argv) > 6 else None)
+    torch.set_num_threads(1)
+    if scenario_set == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if scenario_set == "nccl" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+    outcomes = {}
+    if scenario_set in ("dead", "hung"):
+        lost_rank(rank, world, outcomes, scenario_set)
+    else:
+        for scenario in [on_cuda] if scenario_set == "nccl" else MAIN:
+            try:
+                scenario(rank, world, store)
+                outcomes[scenario.__name__] = "ok"
+            except Exception:  # recorded for the test to show; the next scenario still runs
+                outcomes[scenario.__name__] = traceback.format_exc()
+        dist.destroy_process_group()
+    (out / f"rank{rank}.json").write_text(json.dumps(outcomes))
+    sys.stdout.flush()
+    os._exit(0)  # a group with a dead rank cannot be torn down cleanly
+
+
+if __name__ == "__main__":
+    main()
