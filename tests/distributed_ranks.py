@@ -8,6 +8,7 @@ errors every rank must raise; "dead"/"hung": the last rank dies/stops answering 
 outcome ("ok", or the failure) to OUT_DIR/rank<RANK>.json. Every rank builds the same data from fixed
 seeds and computes the single-process answer on the whole history itself, so it can compare on its own.
 """
+import contextlib
 import json
 import os
 import sys
@@ -24,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metaclm_ext  # noqa: E402
 from helpers import assert_selection_equal, dual_form_scale, label_mass_scale, small_ints  # noqa: E402
 from metaclm_ext import distributed as mdist  # noqa: E402
+from metaclm_ext.recording import HistoryRecorder  # noqa: E402
 from metaclm_ext.store import HistoryStore  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 GROUP_TIMEOUT_S = 10  # how long a collective waits for a dead rank; the tests assert the bound
 N, HEADS, HEAD_DIM, K, LABELS, D_OUT, Q = 2000, 2, 4, 5, 7, 3, 14
@@ -101,19 +104,19 @@ def my_part(rank, world):
 # -- scenarios ---------------------------------------------------------------------------------------
 
 
-def integers_uneven(rank, world, store):
+def integers_uneven(rank, world, where):
     data = int_data()
     for limit in (limits(world), None, N // 2):
         assert_bitwise(distributed(data, limit, *my_part(rank, world)), single_process(data, limit))
 
 
-def integers_fp16_small_chunks(rank, world, store):
+def integers_fp16_small_chunks(rank, world, where):
     data, limit = int_data(torch.float16), limits(world)
     got = distributed(data, limit, *my_part(rank, world), chunk_rows=64)
     assert_bitwise(got, single_process(data, limit, chunk_rows=64))
 
 
-def random_floats(rank, world, store):
+def random_floats(rank, world, where):
     data, limit = float_data(), limits(world)
     got, want = distributed(data, limit, *my_part(rank, world)), single_process(data, limit)
     for g, w in zip(got[0], want[0]):  # scores are distinct: the same rows with the same fp32 scores
@@ -124,14 +127,14 @@ def random_floats(rank, world, store):
     assert bool(((got[2].double() - want[2].double()).abs() <= 1e-6 * scale).all())
 
 
-def offsets_out_of_rank_order(rank, world, store):
+def offsets_out_of_rank_order(rank, world, where):
     """Rank r holds the part world-1-r: parts are merged in global row order, not rank order."""
     data, limit = int_data(), limits(world)
     start, stop = my_part(world - 1 - rank, world)
     assert_bitwise(distributed(data, limit, start, stop, row_offset=start), single_process(data, limit))
 
 
-def answer_on_rank_0_only(rank, world, store):
+def answer_on_rank_0_only(rank, world, where):
     data, limit = int_data(), limits(world)
     got = distributed(data, limit, *my_part(rank, world), dst=0)
     if rank == 0:
@@ -140,9 +143,9 @@ def answer_on_rank_0_only(rank, world, store):
         assert got == (None, None, None), got
 
 
-def store_row_ranges(rank, world, store):
+def store_row_ranges(rank, world, where):
     """Each rank streams only its shards of one store (split_store); the answer is the whole store's."""
-    whole = HistoryStore(store)
+    whole = HistoryStore(where["store"])
     start, stop = mdist.split_store(whole, world)[rank]
     part = whole.rows(start, stop)
     data = int_data()
@@ -166,7 +169,7 @@ def expect_error(kind, text, call):
     raise AssertionError(f"no {kind.__name__} raised")
 
 
-def nan_rows_name_the_first_global_row(rank, world, store):
+def nan_rows_name_the_first_global_row(rank, world, where):
     data = int_data()
     data["history"][650] = float("nan")  # rank 0 with 2 ranks, rank 1 with 3
     data["history"][1500] = float("inf")  # the last rank
@@ -179,7 +182,7 @@ def nan_rows_name_the_first_global_row(rank, world, store):
         data["dual_queries"], data["inputs"][start:stop], data["errors"][start:stop]))
 
 
-def bad_input_on_one_rank(rank, world, store):
+def bad_input_on_one_rank(rank, world, where):
     data = int_data()
     start, stop = my_part(rank, world)
     history = data["history"][start:stop]
@@ -193,16 +196,50 @@ def bad_input_on_one_rank(rank, world, store):
         data["queries"], history, K, row_offset=start + (rank == world - 1)))
 
 
-MAIN = [integers_uneven, integers_fp16_small_chunks, random_floats, offsets_out_of_rank_order, answer_on_rank_0_only,
-        store_row_ranges, nan_rows_name_the_first_global_row, bad_input_on_one_rank]
-
-
-def on_cuda(rank, world, store):
+def on_cuda(rank, world, where):
     """NCCL: states exchanged as CUDA tensors, the answer that of the single process on the GPU."""
     device = torch.device("cuda", rank)
     data = {name: t.to(device) for name, t in int_data().items()}
     limit = limits(world).to(device)
     assert_bitwise(distributed(data, limit, *my_part(rank, world)), single_process(data, limit))
+
+
+def ddp_recording(rank, world, where):
+    """Each rank records its own store under DDP (gradient clipping that bites, 2 micro-batches with
+    no_sync on the first); the ranks' stores opened as one history give W_T - W_0 = sum of e_t x_t^T."""
+    for bucket_view in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        start = model[0].weight.detach().double().clone(), model[0].bias.detach().double().clone()
+        ddp = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+        folder = where["out"] / f"ddp-{int(bucket_view)}"
+        recorder = HistoryRecorder(ddp, folder / f"rank{rank}", modules=["0"], dtype="float32")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(100 + rank)
+        for _ in range(3):
+            for micro in range(2):
+                x, t = torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 3, generator=gen)
+                with ddp.no_sync() if micro == 0 else contextlib.nullcontext():
+                    with recorder.capture(targets=torch.zeros(2, 5, dtype=torch.long)):
+                        (((ddp(x) - t) ** 2).sum() * (1 + rank) / 2).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            recorder.step(optimizer)
+            optimizer.step()
+            optimizer.zero_grad()
+        recorder.close()
+        dist.barrier()
+        history = mdist.open_ranks([folder / f"rank{r}" for r in range(world)])
+        spec = recorder.specs[0]
+        inputs, errors = history[spec.input_field], history[spec.error_field]
+        delta = metaclm_ext.dual_form_apply(torch.eye(4), inputs, errors).double().T  # [out, in]
+        change = model[0].weight.detach().double() - start[0]
+        assert float((delta - change).norm() / change.norm()) < 1e-5, (delta, change)
+        bias = errors.read().double().sum(0)
+        assert float((bias - (model[0].bias.detach().double() - start[1])).norm() / bias.norm()) < 1e-5
+
+
+MAIN = [integers_uneven, integers_fp16_small_chunks, random_floats, offsets_out_of_rank_order, answer_on_rank_0_only,
+        store_row_ranges, nan_rows_name_the_first_global_row, bad_input_on_one_rank, ddp_recording]
 
 
 def lost_rank(rank, world, outcomes, how):
@@ -211,7 +248,7 @@ def lost_rank(rank, world, outcomes, how):
     data = int_data()
     if rank == world - 1:
         if how == "hung":
-            time.sleep(GROUP_TIMEOUT_S + 5)
+            time.sleep(GROUP_TIMEOUT_S + 2)
         os._exit(3)
     began = time.monotonic()
     try:
@@ -236,7 +273,7 @@ def main():
     else:
         for scenario in [on_cuda] if scenario_set == "nccl" else MAIN:
             try:
-                scenario(rank, world, store)
+                scenario(rank, world, {"store": store, "out": out})
                 outcomes[scenario.__name__] = "ok"
             except Exception:  # recorded for the test to show; the next scenario still runs
                 outcomes[scenario.__name__] = traceback.format_exc()

@@ -7,7 +7,9 @@ small merge states travel (docs/distributed.md). Launch with torchrun; gloo on C
 from .dual_form import dual_form_apply
 from .group import DistributedHistoryError
 from .label_mass import history_label_mass
+from .rank_stores import RankStores, open_ranks
 from .split import split_store
 from .topk import history_topk
 
-__all__ = ["DistributedHistoryError", "dual_form_apply", "history_label_mass", "history_topk", "split_store"]
+__all__ = ["DistributedHistoryError", "RankStores", "dual_form_apply", "history_label_mass", "history_topk", "open_ranks",
+           "split_store"]

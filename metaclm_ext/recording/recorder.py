@@ -55,6 +55,7 @@ import torch
 
 from ..dtypes import HISTORY_DTYPE_NAMES
 from ..store import MANIFEST, HistoryStore, HistoryWriter
+from .data_parallel import after_backward, averaged_over, recorded_model
 from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights, write_status
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
@@ -113,7 +114,9 @@ class HistoryRecorder:
                  targets_from: Callable[[tuple, dict], Optional[torch.Tensor]] = labels_as_targets):
         if dtype not in HISTORY_DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(HISTORY_DTYPE_NAMES)}, got {dtype!r}")
-        self.specs: list[ModuleSpec] = select_modules(model, modules)
+        self.specs: list[ModuleSpec] = select_modules(recorded_model(model), modules)
+        self._averaged_over = averaged_over(model)  # DDP's ranks (data_parallel.py); 1 without DDP
+        self._noting = False  # an end-of-backward note of the gradients is queued (under DDP)
         self.errors, self.path, self._targets_from = bool(errors), Path(path), targets_from
         self._dtype = HISTORY_DTYPE_NAMES[dtype]
         self.user_columns = dict(columns or {})
@@ -306,7 +309,18 @@ class HistoryRecorder:
             batch.dropped_max[spec.name] = dropped if previous is None else torch.maximum(previous, dropped.to(previous))
 
     def _note_grad(self, param: torch.Tensor) -> None:
-        self._noted[id(param)] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
+        if self._averaged_over == 1:
+            self._noted[id(param)] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
+        elif not self._noting:  # DDP: the averaged gradients exist only once the backward has ended
+            self._noting = True
+            after_backward(self._note_averaged_grads)
+
+    def _note_averaged_grads(self) -> None:
+        self._noting = False
+        for spec in self.specs:
+            for param in self._params(spec):
+                if param.grad is not None:
+                    self._noted[id(param)] = torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float64)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cuda":
@@ -395,7 +409,7 @@ class HistoryRecorder:
                     warnings.warn(f"HistoryRecorder: {spec.name}'s gradient is not finite; the step's rows are "
                                   "dropped (a grad scaler skips this optimizer step)")
                     return None
-                coefficients.append(now / noted if noted > 0 else 1.0)
+                coefficients.append((now / noted if noted > 0 else 1.0) / self._averaged_over)
                 lrs.append(learning_rate(groups[id(param)]))
             dropped = [next(values) for b in batches if spec.name in b.dropped_max]
             reason = not_plain_sgd(opt, groups[id(spec.module.weight)])
