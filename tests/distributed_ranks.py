@@ -192,6 +192,10 @@ def bad_input_on_one_rank(rank, world, where):
     expect_error(ValueError, "k must be in [1, N = 2000]", lambda: mdist.history_topk(data["queries"], history, N + 1))
     queries = data["queries"] + (rank == 1)
     expect_error(ValueError, "the ranks were given different queries", lambda: mdist.history_topk(queries, history, K))
+    expect_error(ValueError, "the history is empty", lambda: mdist.dual_form_apply(
+        data["dual_queries"], data["inputs"][:0], data["errors"][:0]))
+    expect_error(ValueError, "different queries, limit, dst", lambda: mdist.history_topk(
+        data["queries"], history, K, dst=rank))
     expect_error(ValueError, "must tile the history", lambda: mdist.history_topk(
         data["queries"], history, K, row_offset=start + (rank == world - 1)))
 

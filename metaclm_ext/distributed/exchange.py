@@ -70,11 +70,13 @@ def run_on_parts(what: str, row_offset: Optional[int], group: Optional[dist.Proc
         raise ValueError(f"dst must be None or a rank in [0, {size}), got {dst!r}")
     described = attempt(describe)
     rows, digest, context = described.value if described.error is None else (0, None, None)
-    shared = share_outcomes(f"{what} (arguments)", Outcome((rows, row_offset, digest), described.error), group)
-    if len({d for _, _, d in shared}) != 1:
-        raise ValueError(f"{what}: the ranks were given different queries, limit or parameters "
+    shared = share_outcomes(f"{what} (arguments)", Outcome((rows, row_offset, (digest, dst)), described.error), group)
+    if len({same for _, _, same in shared}) != 1:
+        raise ValueError(f"{what}: the ranks were given different queries, limit, dst or parameters "
                          "(every rank must pass the same ones; only the history part differs)")
     layout = plan_layout([n for n, _, _ in shared], [o for _, o, _ in shared])
+    if layout.total == 0:
+        raise ValueError(f"{what}: the history is empty (0 rows on every rank)")
     computed = attempt(lambda: compute(context, layout.total, layout.offsets[rank]))
     share_outcomes(what, Outcome(None, computed.error), group, order=layout.order)
     states = gather_states(computed.value, group, dst, what)
