@@ -127,6 +127,20 @@ def random_floats(rank, world, where):
     assert bool(((got[2].double() - want[2].double()).abs() <= 1e-6 * scale).all())
 
 
+def random_floats_every_scan(rank, world, where):
+    """Top-k of random floats through each scan of the kernel (heads of 8 dims: query vectors; 64: the
+    int8 screen; others: row vectors): the same rows with the same fp32 scores as one process."""
+    gen = torch.Generator().manual_seed(13)
+    start, stop = my_part(rank, world)
+    for heads, head_dim in ((3, 5), (4, 8), (1, 64)):
+        history = torch.randn(N, heads * head_dim, generator=gen).half()
+        queries = torch.randn(Q, heads, head_dim, generator=gen)
+        got = mdist.history_topk(queries, history[start:stop], K, limit=limits(world))
+        want = metaclm_ext.history_topk(queries, history, K, limit=limits(world))
+        for g, w in zip(got, want):
+            assert_selection_equal(g, w)
+
+
 def offsets_out_of_rank_order(rank, world, where):
     """Rank r holds the part world-1-r: parts are merged in global row order, not rank order."""
     data, limit = int_data(), limits(world)
@@ -196,6 +210,8 @@ def bad_input_on_one_rank(rank, world, where):
         data["dual_queries"], data["inputs"][:0], data["errors"][:0]))
     expect_error(ValueError, "different queries, limit, dst", lambda: mdist.history_topk(
         data["queries"], history, K, dst=rank))
+    expect_error(ValueError, "dst must be None or a rank in", lambda: mdist.history_topk(
+        data["queries"], history, K, dst=world if rank == 0 else 0))
     expect_error(ValueError, "must tile the history", lambda: mdist.history_topk(
         data["queries"], history, K, row_offset=start + (rank == world - 1)))
 
@@ -242,8 +258,9 @@ def ddp_recording(rank, world, where):
         assert float((bias - (model[0].bias.detach().double() - start[1])).norm() / bias.norm()) < 1e-5
 
 
-MAIN = [integers_uneven, integers_fp16_small_chunks, random_floats, offsets_out_of_rank_order, answer_on_rank_0_only,
-        store_row_ranges, nan_rows_name_the_first_global_row, bad_input_on_one_rank, ddp_recording]
+MAIN = [integers_uneven, integers_fp16_small_chunks, random_floats, random_floats_every_scan, offsets_out_of_rank_order,
+        answer_on_rank_0_only, store_row_ranges, nan_rows_name_the_first_global_row, bad_input_on_one_rank,
+        ddp_recording]
 
 
 def lost_rank(rank, world, outcomes, how):

@@ -66,9 +66,13 @@ def run_on_parts(what: str, row_offset: Optional[int], group: Optional[dist.Proc
     rank `dst` only (None elsewhere).
     """
     rank, size = rank_and_size(group)
-    if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < size):
-        raise ValueError(f"dst must be None or a rank in [0, {size}), got {dst!r}")
-    described = attempt(describe)
+
+    def check_and_describe():
+        if dst is not None and (isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < size):
+            raise ValueError(f"dst must be None or a rank in [0, {size}), got {dst!r}")
+        return describe()
+
+    described = attempt(check_and_describe)  # errors here too are raised on every rank, after the exchange
     rows, digest, context = described.value if described.error is None else (0, None, None)
     shared = share_outcomes(f"{what} (arguments)", Outcome((rows, row_offset, (digest, dst)), described.error), group)
     if len({same for _, _, same in shared}) != 1:

@@ -165,7 +165,8 @@ class RankStores:
 
 def open_ranks(paths: list[Union[str, os.PathLike]], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                verify: bool = True) -> RankStores:
-    """The stores at `paths` (rank 0's first) as one history in step-major order."""
+    """The stores at `paths` (rank 0's first) as one history in step-major order. Opening reads each
+    store's step column once (8 bytes a row) to find where its steps begin."""
     if isinstance(paths, (str, os.PathLike)):
         raise TypeError("paths must be a list of store paths, one per rank in rank order")
     return RankStores([HistoryStore(p, chunk_bytes=chunk_bytes, verify=verify) for p in paths])

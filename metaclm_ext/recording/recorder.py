@@ -355,7 +355,7 @@ class HistoryRecorder:
             event.synchronize()
         self._copies = []
         scales = self._error_scales(opt, batches) if self.errors else {}
-        self._noted = {}
+        self._noted, self._noting = {}, False  # also after a backward that raised before its callbacks ran
         if scales is None:
             return None
         rows = {c: [] for c in (*BASE_COLUMNS, *self.user_columns)}
