@@ -57,21 +57,21 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} row {int(bad.nonzero()[0, 0])} contains NaN or Inf")
 
 
-def _shape_of(name: str, source: History) -> tuple[int, int]:
+def shape_of(name: str, source: History, allow_empty: bool = False) -> tuple[int, int]:
     if not isinstance(source, torch.Tensor) and not hasattr(source, "iter_chunks"):
         raise TypeError(f"{name} must be a tensor or a HistoryStore field, got {type(source).__name__}")
     shape = tuple(source.shape)
     if len(shape) != 2:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {list(shape)}")
     _check_float(name, source.dtype)
-    if shape[0] == 0:
+    if shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (0 rows)")
     if shape[1] == 0:
         raise ValueError(f"{name} width must be >= 1, got 0")
     return shape
 
 
-def _as_heads(queries: torch.Tensor, width: int, heads: Optional[int], sources: dict) -> torch.Tensor:
+def as_heads(queries: torch.Tensor, width: int, heads: Optional[int], sources: dict) -> torch.Tensor:
     """Queries as fp32 [Q, H, Dh] with H * Dh == width, on the device of every source in `sources`."""
     if not isinstance(queries, torch.Tensor):
         raise TypeError(f"queries must be a tensor, got {type(queries).__name__}")
@@ -105,7 +105,7 @@ def _as_heads(queries: torch.Tensor, width: int, heads: Optional[int], sources: 
     return queries.to(torch.float32).contiguous()
 
 
-def _limit_tensor(limit, num_queries: int, num_rows: int, device: torch.device) -> torch.Tensor:
+def limit_tensor(limit, num_queries: int, num_rows: int, device: torch.device) -> torch.Tensor:
     if limit is None:
         return torch.full((num_queries,), num_rows, dtype=torch.int64, device=device)
     if isinstance(limit, bool) or not isinstance(limit, (int, torch.Tensor)):
@@ -128,14 +128,55 @@ def _limit_tensor(limit, num_queries: int, num_rows: int, device: torch.device) 
 # history_topk
 
 
-def _finalize_selection(keys: torch.Tensor, indices: torch.Tensor, negate: bool) -> Selection:
-    """Heap state -> entries sorted by (score, row) in the op's order, padding last."""
+def check_k(k: int, num_rows: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k <= 0 or k > num_rows:
+        raise ValueError(f"k must be in [1, N = {num_rows}], got {k}")
+
+
+def sort_heap_entries(keys: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heap entries along the last dim, best first: keys descending, ties to the lower row (padding last)."""
     order = torch.argsort(indices, dim=-1, stable=True)
     keys, indices = keys.gather(-1, order), indices.gather(-1, order)
     order = torch.argsort(keys, dim=-1, descending=True, stable=True)
-    keys, indices = keys.gather(-1, order), indices.gather(-1, order)
+    return keys.gather(-1, order), indices.gather(-1, order)
+
+
+def _finalize_selection(keys: torch.Tensor, indices: torch.Tensor, negate: bool) -> Selection:
+    """Heap state -> entries sorted by (score, row) in the op's order, padding last."""
+    keys, indices = sort_heap_entries(keys, indices)
     indices = indices.masked_fill(indices == PAD_INDEX, -1)
     return Selection(-keys if negate else keys, indices)
+
+
+def finalize_topk(state: tuple) -> HistoryTopK:
+    """The answer of history_topk from its merge state (top keys, top rows, last keys, last rows)."""
+    top_keys, top_idx, last_keys, last_idx = state
+    return HistoryTopK(_finalize_selection(top_keys, top_idx, False), _finalize_selection(last_keys, last_idx, True))
+
+
+def part_limits(limit: torch.Tensor, row_offset: int, rows: int) -> torch.Tensor:
+    """Global limits clamped to a part of the history, global rows [row_offset, row_offset + rows): a
+    query whose limit is at or before the part takes none of its rows, one past it takes all of them.
+    For the whole history (row_offset 0, every limit in [0, N]) they are the limits themselves."""
+    return limit.clamp(row_offset, row_offset + rows)
+
+
+def topk_state(q: torch.Tensor, history: History, k: int, limit: torch.Tensor, chunk_rows: Optional[int],
+               row_offset: int = 0) -> tuple:
+    """The merge state of history_topk over `history`, whose row t is global row row_offset + t."""
+    width = history.shape[1]
+    state_shape = (q.shape[0], q.shape[1], k)
+    top_keys = torch.full(state_shape, float("-inf"), device=q.device)
+    top_idx = torch.full(state_shape, PAD_INDEX, dtype=torch.int64, device=q.device)
+    state = (top_keys, top_idx, top_keys.clone(), top_idx.clone())
+    lim = part_limits(limit, row_offset, history.shape[0])
+    stop = int(lim.max()) - row_offset
+    rows_per_chunk = stream.rows_per_chunk(chunk_rows, width * history.dtype.itemsize, (history,), q.device)
+    for offset, rows in stream.chunks(history, rows_per_chunk, stop, q.device):
+        state = _ops.history_topk_merge(q, rows, row_offset + offset, lim, *state)
+    return state
 
 
 @NOT_DIFFERENTIABLE
@@ -158,24 +199,11 @@ def history_topk(
     value -inf (top) / +inf (last). The [Q, N] score matrix is never materialised.
     Not differentiable (see :data:`NOT_DIFFERENTIABLE`): the result never requires grad.
     """
-    n, width = _shape_of("history", history)
-    q = _as_heads(queries, width, heads, {"history": history})
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k <= 0 or k > n:
-        raise ValueError(f"k must be in [1, N = {n}], got {k}")
-    lim = _limit_tensor(limit, q.shape[0], n, q.device)
-    state_shape = (q.shape[0], q.shape[1], k)
-    top_keys = torch.full(state_shape, float("-inf"), device=q.device)
-    top_idx = torch.full(state_shape, PAD_INDEX, dtype=torch.int64, device=q.device)
-    last_keys, last_idx = top_keys.clone(), top_idx.clone()
-    stop = int(lim.max())
-    rows_per_chunk = stream.rows_per_chunk(chunk_rows, width * history.dtype.itemsize, (history,), q.device)
-    for offset, rows in stream.chunks(history, rows_per_chunk, stop, q.device):
-        top_keys, top_idx, last_keys, last_idx = _ops.history_topk_merge(
-            q, rows, offset, lim, top_keys, top_idx, last_keys, last_idx
-        )
-    return HistoryTopK(_finalize_selection(top_keys, top_idx, False), _finalize_selection(last_keys, last_idx, True))
+    n, width = shape_of("history", history)
+    q = as_heads(queries, width, heads, {"history": history})
+    check_k(k, n)
+    lim = limit_tensor(limit, q.shape[0], n, q.device)
+    return finalize_topk(topk_state(q, history, k, lim, chunk_rows))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,24 +227,42 @@ def history_label_mass(
     ``labels`` is int64 [N] (a tensor or a store metadata column) with values in [0, num_labels).
     Not differentiable (see :data:`NOT_DIFFERENTIABLE`): the result never requires grad.
     """
-    n, width = _shape_of("history", history)
+    n, width = shape_of("history", history)
+    q = check_label_mass_args(queries, history, labels, num_labels, heads)
+    lim = limit_tensor(limit, q.shape[0], n, q.device)
+    return label_mass_state(q, history, labels, num_labels, lim, chunk_rows).to(torch.float32)
+
+
+def check_label_mass_args(queries: torch.Tensor, history: History, labels, num_labels: int,
+                          heads: Optional[int]) -> torch.Tensor:
+    """history_label_mass's checks of its arguments besides the limit; returns the queries as [Q, H, Dh]."""
+    n, width = history.shape
     if not isinstance(labels, torch.Tensor) and not hasattr(labels, "iter_chunks"):
         raise TypeError(f"labels must be an integer tensor [N] or a HistoryStore column, got {type(labels).__name__}")
-    q = _as_heads(queries, width, heads, {"history": history, "labels": labels})
+    q = as_heads(queries, width, heads, {"history": history, "labels": labels})
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels <= 0:
         raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
     if tuple(labels.shape) != (n,):
         raise ValueError(f"labels must have shape [N] = [{n}], got {list(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    lim = _limit_tensor(limit, q.shape[0], n, q.device)
+    return q
+
+
+def label_mass_state(q: torch.Tensor, history: History, labels, num_labels: int, limit: torch.Tensor,
+                     chunk_rows: Optional[int], row_offset: int = 0) -> torch.Tensor:
+    """The fp64 mass [Q, H, L] of the rows of `history` (row t is global row row_offset + t) below each
+    query's limit."""
+    width = history.shape[1]
     sums = torch.zeros(num_labels, width, dtype=torch.float64, device=q.device)
     mass = torch.zeros(q.shape[0], q.shape[1], num_labels, dtype=torch.float64, device=q.device)
+    lim = part_limits(limit, row_offset, history.shape[0])
     row_bytes = width * history.dtype.itemsize + labels.dtype.itemsize
     rows_per_chunk = stream.rows_per_chunk(chunk_rows, row_bytes, (history, labels), q.device)
-    for offset, (rows, lab) in stream.zip_chunks([history, labels], rows_per_chunk, int(lim.max()), q.device):
-        sums, mass = _ops.history_label_mass_merge(q, rows, lab.to(torch.int64), offset, lim, sums, mass)
-    return mass.to(torch.float32)
+    stop = int(lim.max()) - row_offset
+    for offset, (rows, lab) in stream.zip_chunks([history, labels], rows_per_chunk, stop, q.device):
+        sums, mass = _ops.history_label_mass_merge(q, rows, lab.to(torch.int64), row_offset + offset, lim, sums, mass)
+    return mass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,21 +285,38 @@ def dual_form_apply(
     ``errors`` [N, D_out]; rows are summed in fp32 within 8192-row units and the units in fp64.
     Not differentiable (see :data:`NOT_DIFFERENTIABLE`): the result never requires grad.
     """
-    n, d_in = _shape_of("inputs", inputs)
-    n_err, d_out = _shape_of("errors", errors)
+    n = shape_of("inputs", inputs)[0]
+    q = check_dual_form_args(queries, inputs, errors)
+    lim = limit_tensor(limit, q.shape[0], n, q.device)
+    return dual_form_state(q, inputs, errors, lim, chunk_rows).to(torch.float32)
+
+
+def check_dual_form_args(queries: torch.Tensor, inputs: History, errors: History,
+                         allow_empty: bool = False) -> torch.Tensor:
+    """dual_form_apply's checks of its arguments besides the limit; returns the queries as [Q, D_in]."""
+    n, d_in = shape_of("inputs", inputs, allow_empty)
+    n_err = shape_of("errors", errors, allow_empty)[0]
     if n_err != n:
         raise ValueError(f"errors has {n_err} rows but inputs has {n}")
     if not isinstance(queries, torch.Tensor) or queries.dim() != 2:
         raise ValueError("queries must be a 2-D tensor [Q, D_in]")
-    q = _as_heads(queries, d_in, None, {"inputs": inputs, "errors": errors})[:, 0, :].contiguous()
-    lim = _limit_tensor(limit, q.shape[0], n, q.device)
+    return as_heads(queries, d_in, None, {"inputs": inputs, "errors": errors})[:, 0, :].contiguous()
+
+
+def dual_form_state(q: torch.Tensor, inputs: History, errors: History, limit: torch.Tensor,
+                    chunk_rows: Optional[int], row_offset: int = 0) -> torch.Tensor:
+    """The fp64 outputs [Q, D_out] of the rows of inputs/errors (row t is global row row_offset + t)
+    below each query's limit."""
+    d_in, d_out = inputs.shape[1], errors.shape[1]
     delta = torch.zeros(d_out, d_in, dtype=torch.float64, device=q.device)
     out = torch.zeros(q.shape[0], d_out, dtype=torch.float64, device=q.device)
+    lim = part_limits(limit, row_offset, inputs.shape[0])
     row_bytes = d_in * inputs.dtype.itemsize + d_out * errors.dtype.itemsize
     rows_per_chunk = stream.rows_per_chunk(chunk_rows, row_bytes, (inputs, errors), q.device)
-    for offset, (x, e) in stream.zip_chunks([inputs, errors], rows_per_chunk, int(lim.max()), q.device):
-        delta, out = _ops.dual_form_apply_merge(q, x, e, offset, lim, delta, out)
-    return out.to(torch.float32)
+    stop = int(lim.max()) - row_offset
+    for offset, (x, e) in stream.zip_chunks([inputs, errors], rows_per_chunk, stop, q.device):
+        delta, out = _ops.dual_form_apply_merge(q, x, e, row_offset + offset, lim, delta, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

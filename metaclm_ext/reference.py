@@ -17,7 +17,7 @@ from .ops import HistoryTopK, Selection
 
 def _heads(queries: torch.Tensor, width: int, heads: Optional[int]) -> torch.Tensor:
     """Queries [Q, D] (``heads`` heads of D / heads, one by default) or [Q, H, Dh] as [Q, H, Dh]: the reshape
-    of ``ops._as_heads``, without its checks."""
+    of ``ops.as_heads``, without its checks."""
     if queries.dim() == 2:
         h = heads or 1
         queries = queries.reshape(queries.shape[0], h, width // h)

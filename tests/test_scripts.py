@@ -42,3 +42,19 @@ def test_bench_table_store_workload(tmp_path):
     (row,) = result["results"]
     assert row["op"] == "history_topk" and row["kind"] == "attn-store" and row["rows"] == 5000 and row["ours_s"] > 0 and row["limit_s"] > 0
     assert "attn-store N=5,000" in proc.stdout
+
+
+def test_bench_distributed_on_two_ranks(tmp_path):
+    """scripts/bench_distributed.py: 2 gloo ranks stream a small store and time the merge."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_distributed.py"), "--rows", "3000", "--ranks", "2",
+                           "--repeats", "1", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())["2"]
+    assert result["rows"] == 3000 and sorted(result["ops"]) == ["dual_form_apply", "history_label_mass", "history_topk"]
+    assert all(t > 0 for op in result["ops"].values() for t in op["wall"] + op["cpu"])
+    assert result["merge"]["history_topk"]["state_bytes_per_rank"] == 2 * 64 * 8 * 10 * 12
+    assert "2 rank(s) history_label_mass" in proc.stdout

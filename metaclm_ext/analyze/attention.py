@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..history_names import parse_field_name
 from ..ops import history_topk
 from ..training.history import LABEL_COLUMNS
@@ -54,6 +56,19 @@ def chance_percent(history_labels: np.ndarray, limits: np.ndarray, labels: np.nd
     return 100.0 * np.bincount(groups, weights=share, minlength=num_groups) / np.bincount(groups, minlength=num_groups)
 
 
+def topk_over_history(queries: torch.Tensor, store, field: str, k: int, limit: torch.Tensor, heads: int):
+    """history_topk of a store field; in a process group (torchrun) each rank streams only its shards
+    (split_store) and every rank gets the whole history's answer, the single process's."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return history_topk(queries, store[field], k=k, limit=limit, heads=heads)
+    start, stop = distributed.split_store(store, dist.get_world_size())[dist.get_rank()]
+    queries = queries.contiguous()
+    # rank 0's queries: forward passes on other machines may differ in the last bit
+    distributed.collective("broadcast of the queries", None, lambda: dist.broadcast(queries, src=0))
+    return distributed.history_topk(queries, store.rows(start, stop)[field], k, row_offset=start, limit=limit,
+                                    heads=heads)
+
+
 def history_attention(store, queries: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
                       limits: np.ndarray, groups: np.ndarray, num_groups: int, heads: int, k: int = 10,
                       progress: bool = True) -> dict:
@@ -69,8 +84,8 @@ def history_attention(store, queries: dict[str, torch.Tensor], labels: dict[str,
     for field, q in tqdm(queries.items(), desc="attention over history", unit="field", disable=not progress):
         if field not in store:
             raise ValueError(f"the history store {store.path} has no field {field!r} (has {sorted(store.fields)})")
-        res = history_topk(q, store[field], k=k, limit=torch.as_tensor(limits, device=q.device),
-                           heads=heads if parse_field_name(field).module == "attn" else 1)
+        res = topk_over_history(q, store, field, k, torch.as_tensor(limits, device=q.device),
+                                heads if parse_field_name(field).module == "attn" else 1)
         out["fields"][field] = {
             name: {side: same_label_percent(sel.indices, history_labels[name], labels[name], groups,
                                             num_groups).tolist()

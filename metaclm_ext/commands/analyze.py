@@ -1,12 +1,20 @@
-"""`metaclm analyze RUN`: Figures 1, 2, 3, 6, 9, 10, 11 of the paper on a run of `metaclm train`."""
+"""`metaclm analyze RUN`: Figures 1, 2, 3, 6, 9, 10, 11 of the paper on a run of `metaclm train`.
+
+Under ``torchrun --nproc-per-node N`` the attention's history stream is split across the ranks (each
+reads its shards); every rank computes the same result and rank 0 writes it (docs/distributed.md).
+"""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import torch.distributed as dist
+
 from . import out_folder
 from ..analyze.report import write_outputs
 from ..analyze.run import PARTS, AnalyzeConfig, analyze_run
+from ..distributed.launch import init_from_torchrun, local_device
+from ..training import resolve_device
 
 
 def _int_list(text: str) -> list[int]:
@@ -36,9 +44,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    device = local_device(resolve_device(args.device))
     cfg = AnalyzeConfig(epochs=args.epochs, every=args.every, parts=parts, k=args.k, kmeans_init=args.kmeans_init,
-                        seed=args.seed, device=args.device)
-    result = analyze_run(args.run, cfg, progress=not args.no_progress)
+                        seed=args.seed, device=str(device))
+    if init_from_torchrun(device):
+        try:
+            result = analyze_run(args.run, cfg, progress=not args.no_progress and dist.get_rank() == 0)
+            rank = dist.get_rank()
+        finally:
+            dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    else:
+        result = analyze_run(args.run, cfg, progress=not args.no_progress)
     out = args.out or args.run / "analysis"
     files = write_outputs(result, out)
     for c in result["claims"]:

@@ -58,6 +58,7 @@ import torch
 
 from ..dtypes import HISTORY_DTYPE_NAMES
 from ..store import MANIFEST, HistoryStore, HistoryWriter
+from .data_parallel import after_backward, averaged_over, recorded_model
 from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights, write_status
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
@@ -119,9 +120,11 @@ class HistoryRecorder:
                  targets_from: Callable[[tuple, dict], Optional[torch.Tensor]] = labels_as_targets):
         if dtype not in HISTORY_DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(HISTORY_DTYPE_NAMES)}, got {dtype!r}")
-        self.specs: list[ModuleSpec] = select_modules(model, modules)
+        self.specs: list[ModuleSpec] = select_modules(recorded_model(model), modules)
         if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every <= 0:
             raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}")
+        self._averaged_over = averaged_over(model)  # DDP's ranks (data_parallel.py); 1 without DDP
+        self._noting = False  # an end-of-backward note of the gradients is queued (under DDP)
         self.errors, self.path, self._targets_from = bool(errors), Path(path), targets_from
         self.commit_every, self._uncommitted_steps = commit_every, 0
         self._dtype = HISTORY_DTYPE_NAMES[dtype]
@@ -320,7 +323,18 @@ class HistoryRecorder:
             batch.dropped_max[spec.name] = dropped if previous is None else torch.maximum(previous, dropped.to(previous))
 
     def _note_grad(self, param: torch.Tensor) -> None:
-        self._noted[id(param)] = grad_sample(param.grad)
+        if self._averaged_over == 1:
+            self._noted[id(param)] = grad_sample(param.grad)
+        elif not self._noting:  # DDP: the averaged gradients exist only once the backward has ended
+            self._noting = True
+            after_backward(self._note_averaged_grads)
+
+    def _note_averaged_grads(self) -> None:
+        self._noting = False
+        for spec in self.specs:
+            for param in self._params(spec):
+                if param.grad is not None:
+                    self._noted[id(param)] = grad_sample(param.grad)
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cuda":
@@ -355,7 +369,7 @@ class HistoryRecorder:
             event.synchronize()
         self._copies = []
         scales = self._error_scales(opt, batches) if self.errors else {}
-        self._noted = {}
+        self._noted, self._noting = {}, False  # also after a backward that raised before its callbacks ran
         rows = self._rows(batches, number, scales) if scales is not None else None
         if rows is None:
             warnings.warn("HistoryRecorder: a recorded gradient is not finite; the step's rows are dropped (a grad "
@@ -432,7 +446,7 @@ class HistoryRecorder:
                 if not is_one_factor(residual, param.grad.dtype):
                     reasons.append(f"{spec.name}'s gradient was changed by more than one factor between the last "
                                    "backward and the step (e.g. clip_grad_value_)")
-                coefficients.append(c)
+                coefficients.append(c / self._averaged_over)
                 lrs.append(learning_rate(groups[id(param)]))
             dropped = [next(values) for b in batches if spec.name in b.dropped_max]
             reason = not_plain_sgd(opt, groups[id(spec.module.weight)])

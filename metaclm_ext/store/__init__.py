@@ -14,7 +14,7 @@ dtypes, ``.npy`` headers, checksums, atomic writes), ``reader`` and ``writer`` t
 docs/store.md.
 """
 from ._format import DEFAULT_SHARD_ROWS, MANIFEST, StoreError
-from .reader import HistoryStore, StoreField
+from .reader import HistoryStore, StoreField, StoreRows
 from .writer import HistoryWriter
 
-__all__ = ["DEFAULT_SHARD_ROWS", "MANIFEST", "HistoryStore", "HistoryWriter", "StoreError", "StoreField"]
+__all__ = ["DEFAULT_SHARD_ROWS", "MANIFEST", "HistoryStore", "HistoryWriter", "StoreError", "StoreField", "StoreRows"]

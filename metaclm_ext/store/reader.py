@@ -25,7 +25,7 @@ from ._format import (BUFFER_DTYPES, COLUMN_DTYPES, DEFAULT_READAHEAD, DISK_DTYP
                       StoreError, check_int, checksum_error, crc_span, load_manifest, open_regular,
                       open_shard_files)
 
-__all__ = ["HistoryStore", "StoreField"]
+__all__ = ["HistoryStore", "StoreField", "StoreRows"]
 
 
 class _RowReader:
@@ -161,13 +161,15 @@ class StoreField:
     """One field ([N, width] floats) or metadata column ([N] ints) of a HistoryStore, as a row source.
 
     Accepted by ``history_topk``/``history_label_mass``/``dual_form_apply`` wherever they take a history
-    tensor (a column where they take labels): they call :meth:`iter_chunks`.
+    tensor (a column where they take labels): they call :meth:`iter_chunks`. A field of
+    :meth:`HistoryStore.rows` holds the store's rows [start, stop) only, as its rows [0, stop - start).
     """
 
-    def __init__(self, store: "HistoryStore", spec: Spec):
+    def __init__(self, store: "HistoryStore", spec: Spec, start: int = 0, stop: Optional[int] = None):
         self.store, self._spec = store, spec
         self.name = spec.name
-        self.shape = (len(store), *spec.row_shape)
+        self.start = start
+        self.shape = ((len(store) if stop is None else stop) - start, *spec.row_shape)
         self.dtype = (HISTORY_DTYPE_NAMES if spec.width else COLUMN_DTYPES)[spec.dtype]
         self.device = torch.device("cpu")
         self.chunk_bytes = store.chunk_bytes  # the ops size their chunks by this budget
@@ -176,7 +178,9 @@ class StoreField:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"StoreField({self.name!r}, shape={list(self.shape)}, dtype={self._spec.dtype}, store={str(self.store.path)!r})"
+        rows = f", rows=[{self.start}, {self.start + self.shape[0]})" if self.shape[0] != len(self.store) else ""
+        return (f"StoreField({self.name!r}, shape={list(self.shape)}, dtype={self._spec.dtype}, "
+                f"store={str(self.store.path)!r}{rows})")
 
     def iter_chunks(self, chunk_rows: Optional[int] = None, stop: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(row_offset, rows) for consecutive blocks of rows [0, stop), read ahead on a background thread.
@@ -196,7 +200,7 @@ class StoreField:
         return _readahead(self._chunks(int(chunk_rows), stop), self.store.readahead)
 
     def _chunks(self, chunk_rows: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
-        reader = self.store._reader(self.name, 0)
+        reader = self.store._reader(self.name, self.start)
         done = False
         try:
             for start in range(0, stop, chunk_rows):
@@ -212,8 +216,18 @@ class StoreField:
                 reader.close(verify_rest=False)
 
     def read(self, start: int = 0, stop: Optional[int] = None, *, raw: bool = False) -> np.ndarray:
-        """Rows [start, stop) as a numpy array (see :meth:`HistoryStore.read`)."""
-        return self.store.read(self.name, start, stop, raw=raw)
+        """Rows [start, stop) of this field as a numpy array (see :meth:`HistoryStore.read`)."""
+        start, stop = _row_range(self.shape[0], start, stop)
+        return self.store.read(self.name, self.start + start, self.start + stop, raw=raw)
+
+
+def _row_range(n: int, start: int, stop: Optional[int]) -> tuple[int, int]:
+    """(start, stop) checked to lie in [0, n]; stop None means n."""
+    stop = n if stop is None else check_int("stop", stop)
+    start = check_int("start", start)
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"need 0 <= start <= stop <= N = {n}, got start={start}, stop={stop}")
+    return start, stop
 
 
 def _chunk_buffer(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -300,12 +314,22 @@ class HistoryStore:
         return len(self._manifest["shards"])
 
     @property
+    def shard_starts(self) -> list[int]:
+        """The first row of each shard, then N: shard i holds rows [shard_starts[i], shard_starts[i + 1])."""
+        return list(self._starts)
+
+    @property
     def nbytes(self) -> int:
         """Bytes on disk: every shard file plus the manifest."""
         return sum(sf.nbytes for files in self._files.values() for sf in files) + (self.path / MANIFEST).stat().st_size
 
     def __getitem__(self, name: str) -> StoreField:
         return StoreField(self, self._spec(name))
+
+    def rows(self, start: int, stop: int) -> "StoreRows":
+        """The store's rows [start, stop) as a store of their own: its fields stream (and verify) only the
+        shards those rows touch, for a rank of a distributed operator that holds that part."""
+        return StoreRows(self, *_row_range(len(self), start, stop))
 
     def _spec(self, name: str) -> Spec:
         if name not in self._specs:
@@ -323,11 +347,7 @@ class HistoryStore:
         uint16 bits stored on disk.
         """
         spec = self._spec(name)
-        n = len(self)
-        stop = n if stop is None else check_int("stop", stop)
-        start = check_int("start", start)
-        if not 0 <= start <= stop <= n:
-            raise ValueError(f"need 0 <= start <= stop <= N = {n}, got start={start}, stop={stop}")
+        start, stop = _row_range(len(self), start, stop)
         out = np.empty((stop - start, *spec.row_shape), dtype=DISK_DTYPES[spec.dtype])
         if stop > start:
             reader = self._reader(name, start)
@@ -366,3 +386,23 @@ class HistoryStore:
                     problems.append(str(exc))
         if problems:
             raise StoreError(f"{len(problems)} bad shard file(s) in {self.path}:\n" + "\n".join(problems))
+
+
+class StoreRows:
+    """Rows [start, stop) of a :class:`HistoryStore` (from :meth:`HistoryStore.rows`): indexing by a name
+    gives that field or column over these rows only, as rows [0, stop - start)."""
+
+    def __init__(self, store: HistoryStore, start: int, stop: int):
+        self.store, self.start, self.stop = store, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __repr__(self) -> str:
+        return f"StoreRows({str(self.store.path)!r}, rows=[{self.start}, {self.stop}))"
+
+    def __contains__(self, name) -> bool:
+        return name in self.store
+
+    def __getitem__(self, name: str) -> StoreField:
+        return StoreField(self.store, self.store._spec(name), self.start, self.stop)
