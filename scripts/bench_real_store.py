@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""history_topk over every recorded input field of a real fine-tuning store, against this machine's limit.
+
+Q queries per field (attention inputs as heads x head_dim from the store's recording attrs, FFN inputs as
+one head of full width), with per-checkpoint limits (query q sees the rows before checkpoint q mod C, so
+the last checkpoint's queries read the whole field), one pass per field, streamed from the store on disk
+(each field is read and checksummed once by this process; what the page cache holds of it from earlier
+reads is not controlled, and the JSON says how the store's size compares with the machine's memory).
+The limit of a pass is max(bytes read / memory read bandwidth, flops / sgemm rate) as in
+scripts/bench_table.py, with both rates measured before and after the passes and the highest kept;
+flops are one multiply-add per (query, candidate row, dimension).
+
+    python scripts/bench_real_store.py RUN                # RUN of `metaclm finetune` (or a store folder)
+    python scripts/bench_real_store.py RUN --queries 200 --fields 'mlp_in.*'
+
+Writes benchmarks/results/real-store.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench_table import machine
+from metaclm_ext import HistoryStore, baselines, history_topk
+from metaclm_ext.attribution import FinetuneRun
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE.parent / "benchmarks" / "results" / "real-store.json"
+DEFAULT_FIELDS = ("attn_in.*", "mlp_in.*")
+
+
+def open_history(path: Path) -> tuple[HistoryStore, list[int]]:
+    """(store, checkpoint row limits) of a run folder, or of a bare store (one limit: all rows)."""
+    if (path / "finetune.json").is_file():
+        run = FinetuneRun(path)
+        return run.store, [c.rows for c in run.checkpoints]
+    store = HistoryStore(path)
+    return store, [len(store)]
+
+
+def field_heads(store: HistoryStore) -> dict[str, int]:
+    """Input field -> heads its queries are split into (the recorded attention heads; FFN: 1)."""
+    modules = store.attrs.get("recording", {}).get("modules", [])
+    return {m["input_field"]: m["heads"] or 1 for m in modules if m.get("input_field")}
+
+
+def bench_field(store: HistoryStore, field: str, heads: int, limits: torch.Tensor, k: int, seed: int) -> dict:
+    width, dtype = store.fields[field]
+    queries = torch.randn(len(limits), heads, width // heads, generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    history_topk(queries, store[field], k, limit=limits)
+    seconds = time.perf_counter() - start
+    stop = int(limits.max())
+    nbytes = stop * width * store[field].dtype.itemsize
+    return {"field": field, "width": width, "heads": heads, "head_dim": width // heads, "dtype": dtype,
+            "rows_read": stop, "bytes": nbytes, "flops": 2.0 * width * float(limits.sum()), "seconds": seconds,
+            "gbps": nbytes / seconds / 1e9}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path", type=Path, help="RUN folder of `metaclm finetune` (its history/ is used) or a store folder")
+    ap.add_argument("--queries", type=int, default=200, help="queries per field (default 200)")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--fields", nargs="+", default=list(DEFAULT_FIELDS),
+                    help="fnmatch patterns of the fields to query (default: every input field)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+
+    store, checkpoint_rows = open_history(args.path)
+    fields = [f for f in store.fields if any(fnmatch.fnmatchcase(f, p) for p in args.fields)]
+    if not fields:
+        ap.error(f"no field of {store.path} matches {args.fields} (it has {sorted(store.fields)})")
+    if args.queries <= 0:
+        ap.error(f"--queries must be positive, got {args.queries}")
+    limits = torch.tensor([checkpoint_rows[q % len(checkpoint_rows)] for q in range(args.queries)])
+    heads = field_heads(store)
+    info = machine()
+    read_gbps, gflops = baselines.memory_read_gbps(), baselines.sgemm_gflops()
+    print(f"machine: {info['cpu']}, {info['threads']} threads; store {store.path}: {len(store):,} rows, "
+          f"{store.nbytes / 1e9:.2f} GB, checkpoint limits {checkpoint_rows}")
+    results = []
+    for i, field in enumerate(fields):
+        r = bench_field(store, field, heads.get(field, 1), limits, args.k, seed=i)
+        print(f"[{i + 1}/{len(fields)}] {field}: [{r['rows_read']:,} x {r['heads']} x {r['head_dim']}] {r['dtype']}, "
+              f"{r['bytes'] / 1e6:,.0f} MB in {r['seconds']:.3f} s = {r['gbps']:.2f} GB/s", flush=True)
+        results.append(r)
+    read_gbps, gflops = max(read_gbps, baselines.memory_read_gbps()), max(gflops, baselines.sgemm_gflops())
+    for r in results:
+        r["limit_s"] = baselines.floor_seconds(r["bytes"], r["flops"], read_gbps, gflops)
+        r["ratio_to_limit"] = r["seconds"] / r["limit_s"]
+    total = {key: sum(r[key] for r in results) for key in ("bytes", "flops", "seconds", "limit_s")}
+    total["gbps"] = total["bytes"] / total["seconds"] / 1e9
+    total["ratio_to_limit"] = total["seconds"] / total["limit_s"]
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    result = {"machine": info, "memory_read_gbps": read_gbps, "sgemm_gflops": gflops, "store": str(store.path),
+              "store_rows": len(store), "store_bytes": store.nbytes, "machine_memory_bytes": memory,
+              "queries": args.queries, "k": args.k, "checkpoint_rows": checkpoint_rows, "fields": results,
+              "total": total, "when": time.strftime("%Y%m%d-%H%M%S")}
+    print(f"\nmeasured: memory read {read_gbps:.1f} GB/s, sgemm {gflops:.0f} GFLOP/s (the highest of the run)")
+    print(f"all {len(results)} fields: {total['bytes'] / 1e9:.2f} GB in {total['seconds']:.2f} s = {total['gbps']:.2f} GB/s; "
+          f"limit {total['limit_s']:.2f} s; {total['ratio_to_limit']:.2f}x the limit")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
