@@ -33,7 +33,7 @@ header p { margin: 2px 0; color: #555; font-size: 12.5px; }
 .lists h4 { font-size: 11.5px; margin: 4px 0 2px; color: #555; text-transform: uppercase; letter-spacing: .04em; }
 ol { margin: 0; padding-left: 22px; font-size: 12px; }
 li { margin: 1px 0; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.score { display: inline-block; min-width: 52px; color: #2a5bd7; font-variant-numeric: tabular-nums; }
+.score { display: inline-block; min-width: 64px; margin-right: 4px; color: #2a5bd7; font-variant-numeric: tabular-nums; }
 .ctx { white-space: pre; color: #444; }
 .hit { background: #ffe08a; font-weight: 600; color: #000; }
 .next { text-decoration: underline; color: #0a7a3b; }

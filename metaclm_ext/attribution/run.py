@@ -1,7 +1,8 @@
 """A fine-tuning run folder as `metaclm finetune` writes it, opened for attribution.
 
-    RUN/finetune.json       model, corpus, settings, tokens, rows, and per checkpoint its step, the history
-                            rows recorded up to it ("rows") and its folder ("path", relative to RUN)
+    RUN/finetune.json       model, corpus, settings, tokens, rows, and per checkpoint ("checkpoints") its
+                            step, the history rows recorded up to it ("rows") and optionally its folder
+                            ("path", relative to RUN; default checkpoints/step_XXXXXX)
     RUN/history/            the HistoryRecorder store (attn_in.{l}, mlp_in.{l}, attn_err.{l}, mlp_err.{l};
                             int64 columns step, sequence, position, token, target and optionally article)
     RUN/checkpoints/step_XXXXXX/   save_pretrained model + tokenizer; the highest step is the final model
@@ -21,6 +22,7 @@ from ..store import HistoryStore
 
 RUN_FILE = "finetune.json"
 HISTORY = "history"
+CHECKPOINTS = "checkpoints"
 ARTICLES = "articles.json"
 MANIFEST = "manifest.json"
 
@@ -77,13 +79,14 @@ class FinetuneRun:
             raise ValueError(f"{self.folder / RUN_FILE} lists no checkpoints")
         out = []
         for entry in entries:
-            if not all(key in entry for key in ("step", "rows", "path")):
-                raise ValueError(f"{self.folder / RUN_FILE}: checkpoint {entry} needs step, rows and path")
+            if not all(key in entry for key in ("step", "rows")):
+                raise ValueError(f"{self.folder / RUN_FILE}: checkpoint {entry} needs its step and rows")
             rows = int(entry["rows"])
             if not 0 < rows <= len(self.store):
                 raise ValueError(f"{self.folder / RUN_FILE}: checkpoint step {entry['step']} says {rows} history rows "
                                  f"but the store has {len(self.store)}")
-            out.append(Checkpoint(int(entry["step"]), rows, self.folder / entry["path"]))
+            path = entry.get("path") or f"{CHECKPOINTS}/step_{int(entry['step']):06d}"
+            out.append(Checkpoint(int(entry["step"]), rows, self.folder / path))
         return sorted(out, key=lambda c: c.step)
 
     def _modules(self) -> list[RecordedModule]:
