@@ -31,10 +31,12 @@ header p { margin: 2px 0; color: #555; font-size: 12.5px; }
 .lists { display: flex; gap: 10px; }
 .lists > div { flex: 1; min-width: 0; }
 .lists h4 { font-size: 11.5px; margin: 4px 0 2px; color: #555; text-transform: uppercase; letter-spacing: .04em; }
-ol { margin: 0; padding-left: 22px; font-size: 12px; }
-li { margin: 1px 0; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.score { display: inline-block; min-width: 64px; margin-right: 4px; color: #2a5bd7; font-variant-numeric: tabular-nums; }
-.ctx { white-space: pre; color: #444; }
+ol { margin: 0; padding: 0; list-style: none; font-size: 12px; }
+li { display: flex; align-items: baseline; margin: 1px 0; white-space: nowrap; }
+.score { flex: 0 0 64px; color: #2a5bd7; font-variant-numeric: tabular-nums; }
+/* The text before the token is right-aligned and clipped on its left, so the token always shows. */
+.left { flex: 0 0 42%; display: flex; justify-content: flex-end; overflow: hidden; white-space: pre; color: #444; }
+.rest { flex: 1; min-width: 0; overflow: hidden; text-overflow: ellipsis; white-space: pre; color: #444; }
 .hit { background: #ffe08a; font-weight: 600; color: #000; }
 .next { text-decoration: underline; color: #0a7a3b; }
 .art { color: #888; margin-left: 6px; font-style: italic; }
@@ -54,15 +56,18 @@ function fmt(x, digits) { return x === null ? 'n/a' : x.toFixed(digits); }
 function entry(pair) {
   const row = data.rows[String(pair[0])];
   const li = el('li');
-  li.title = 'row ' + pair[0] + ', step ' + row.step + ', sequence ' + row.sequence + ', position ' + row.position;
+  li.title = 'row ' + pair[0] + ', step ' + row.step + ', sequence ' + row.sequence + ', position ' + row.position +
+    (row.title !== null ? ', article: ' + row.title : '');
   li.appendChild(el('span', 'score', pair[1].toPrecision(3)));
-  const ctx = el('span', 'ctx');
-  ctx.appendChild(document.createTextNode(row.left));
-  ctx.appendChild(el('span', 'hit', row.token));
-  ctx.appendChild(el('span', 'next', row.next));
-  ctx.appendChild(document.createTextNode(row.right.slice(row.next.length)));
-  li.appendChild(ctx);
-  if (row.title !== null) li.appendChild(el('span', 'art', row.title));
+  const left = el('span', 'left');
+  left.appendChild(el('span', null, row.left));
+  li.appendChild(left);
+  const rest = el('span', 'rest');
+  rest.appendChild(el('span', 'hit', row.token));
+  rest.appendChild(el('span', 'next', row.next));
+  rest.appendChild(document.createTextNode(row.right.slice(row.next.length)));
+  if (row.title !== null) rest.appendChild(el('span', 'art', row.title));
+  li.appendChild(rest);
   return li;
 }
 function selection(title, pairs) {
