@@ -2,7 +2,7 @@
 """history_topk over every recorded input field of a real fine-tuning store, against this machine's limit.
 
 Q queries per field (attention inputs as heads x head_dim from the store's recording attrs, FFN inputs as
-one head of full width), with per-checkpoint limits (query q sees the rows before checkpoint q mod C, so
+one head of full width), with per-checkpoint limits (query q sees the rows before fine-tuned checkpoint q mod C, so
 the last checkpoint's queries read the whole field), one pass per field, streamed from the store on disk
 (each field is read and checksummed once by this process; what the page cache holds of it from earlier
 reads is not controlled, and the JSON says how the store's size compares with the machine's memory).
@@ -37,10 +37,11 @@ DEFAULT_FIELDS = ("attn_in.*", "mlp_in.*")
 
 
 def open_history(path: Path) -> tuple[HistoryStore, list[int]]:
-    """(store, checkpoint row limits) of a run folder, or of a bare store (one limit: all rows)."""
+    """(store, row limits of the fine-tuned checkpoints) of a run folder, or of a bare store (one limit: all
+    rows). The pretrained start has no rows before it, so it has no queries."""
     if (path / "finetune.json").is_file():
         run = FinetuneRun(path)
-        return run.store, [c.rows for c in run.checkpoints]
+        return run.store, [c.rows for c in run.checkpoints if c.rows]
     store = HistoryStore(path)
     return store, [len(store)]
 

@@ -148,7 +148,7 @@ def test_contribution_shares_equal_a_brute_force_sum(run, attributed):
 
 
 def test_earlier_checkpoint_per_head_sees_only_its_rows(run, tmp_path):
-    first = CHECKPOINT_STEPS[0]
+    first = CHECKPOINT_STEPS[1]
     assert main(["attribute", str(run), TEXT, "--checkpoint", str(first), "--per-head", "--position", "3",
                  "--layers", "1", "--k", "2", "--out", str(tmp_path), "--no-progress"]) == 0
     result = json.loads((tmp_path / "attribution.json").read_text())
@@ -173,6 +173,7 @@ def test_earlier_checkpoint_per_head_sees_only_its_rows(run, tmp_path):
 @pytest.mark.parametrize("args, reason", [
     (["x" * 10 + " hello" * CONTEXT], "context is 64 positions"),
     ([TEXT, "--checkpoint", "2"], "checkpoint 2 does not exist"),
+    ([TEXT, "--checkpoint", "0"], "checkpoint 0 is the pretrained start"),
     ([TEXT, "--position", "999"], "position 999 is outside the text"),
     ([TEXT, "--k", "100000"], "k must be an int in"),
     ([TEXT, "--layers", "7"], "layers [7] are not recorded"),
@@ -202,7 +203,7 @@ def test_bench_real_store_smoke(run, tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    rows = [c["rows"] for c in json.loads((run / "finetune.json").read_text())["checkpoints"]]
+    rows = [c["history_rows"] for c in json.loads((run / "finetune.json").read_text())["checkpoints"][1:]]
     assert result["checkpoint_rows"] == rows and result["queries"] == 6
     by_field = {r["field"]: r for r in result["fields"]}
     assert set(by_field) == {"attn_in.0", "attn_in.1", "mlp_in.0", "mlp_in.1"}

@@ -1,15 +1,16 @@
 """A fine-tuning run folder as `metaclm finetune` writes it, opened for attribution.
 
     RUN/finetune.json       model, corpus, settings, tokens, rows, and per checkpoint ("checkpoints") its
-                            step, the history rows recorded up to it ("rows") and optionally its folder
-                            ("path", relative to RUN; default checkpoints/step_XXXXXX)
+                            step, the history rows recorded before it ("history_rows") and optionally its
+                            folder ("path", relative to RUN; default checkpoints/step_XXXXXX)
     RUN/history/            the HistoryRecorder store (attn_in.{l}, mlp_in.{l}, attn_err.{l}, mlp_err.{l};
                             int64 columns step, sequence, position, token, target and optionally article)
     RUN/checkpoints/step_XXXXXX/   save_pretrained model + tokenizer; the highest step is the final model
-    RUN/articles.json       article id -> title (optional)
+    RUN/articles.json       {"label": what a document is, "articles": {id: {"title": ..., ...}}} (optional)
 
-A checkpoint's weights are the start weights plus the errors of its first ``rows`` history rows (the rows
-are appended step by step), so ``rows`` is the limit of every query made of that checkpoint.
+A checkpoint's weights are the start weights plus the errors of its first ``history_rows`` rows (the rows
+are appended step by step), so that is the limit of every query made of that checkpoint; step 0, the
+pretrained start, has none.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ MANIFEST = "manifest.json"
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
-    rows: int  # history rows recorded before this checkpoint's weights were saved
+    rows: int  # history rows recorded before this checkpoint's weights were saved (0 for the start)
     path: Path
 
 
@@ -71,7 +72,8 @@ class FinetuneRun:
         self.checkpoints = self._checkpoints()
         self.modules = self._modules()
         titles = self.folder / ARTICLES
-        self.titles = {int(k): v for k, v in json.loads(titles.read_text()).items()} if titles.is_file() else {}
+        articles = json.loads(titles.read_text()).get("articles", {}) if titles.is_file() else {}
+        self.titles = {int(k): v["title"] for k, v in articles.items()}
 
     def _checkpoints(self) -> list[Checkpoint]:
         entries = self.info.get("checkpoints")
@@ -79,10 +81,10 @@ class FinetuneRun:
             raise ValueError(f"{self.folder / RUN_FILE} lists no checkpoints")
         out = []
         for entry in entries:
-            if not all(key in entry for key in ("step", "rows")):
-                raise ValueError(f"{self.folder / RUN_FILE}: checkpoint {entry} needs its step and rows")
-            rows = int(entry["rows"])
-            if not 0 < rows <= len(self.store):
+            if not all(key in entry for key in ("step", "history_rows")):
+                raise ValueError(f"{self.folder / RUN_FILE}: checkpoint {entry} needs its step and history_rows")
+            rows = int(entry["history_rows"])
+            if not 0 <= rows <= len(self.store):
                 raise ValueError(f"{self.folder / RUN_FILE}: checkpoint step {entry['step']} says {rows} history rows "
                                  f"but the store has {len(self.store)}")
             path = entry.get("path") or f"{CHECKPOINTS}/step_{int(entry['step']):06d}"
@@ -109,6 +111,9 @@ class FinetuneRun:
                 raise ValueError(f"checkpoint {step} does not exist in {self.folder}: the run has steps "
                                  f"{[c.step for c in self.checkpoints]}")
             chosen = found[0]
+        if chosen.rows == 0:
+            raise ValueError(f"checkpoint {chosen.step} is the pretrained start: no fine-tuning rows precede it "
+                             f"(fine-tuned checkpoints: {[c.step for c in self.checkpoints if c.rows]})")
         if not chosen.path.is_dir():
             raise FileNotFoundError(f"checkpoint folder {chosen.path} is missing")
         return chosen
