@@ -11,7 +11,7 @@ import torch
 
 from finetune_fixture import CHECKPOINT_STEPS, CONTEXT, HELD_OUT, TITLES, checkpoint_name, make_run
 from metaclm_ext.attribution import FinetuneRun
-from metaclm_ext.attribution.queries import load_checkpoint, text_queries
+from metaclm_ext.attribution.queries import load_checkpoint, recorded_module, text_queries
 from metaclm_ext.cli import main
 from metaclm_ext.reference import history_topk_reference
 
@@ -168,6 +168,19 @@ def test_earlier_checkpoint_per_head_sees_only_its_rows(run, tmp_path):
             assert all(r < limit for r, _ in entry["top"] + entry["last"])
     for ratio, _, got in brute_force_shares(run, inputs, modules, result, limit).values():
         assert got["ratio"] == pytest.approx(ratio, rel=1e-4)
+
+
+def test_modules_recorded_on_a_submodule_are_found(run):
+    """`metaclm finetune` attaches the recorder to a view of the decoder layers: its module names are suffixes
+    of the checkpoint's."""
+    model, _ = load_checkpoint(FinetuneRun(run).checkpoint().path)
+    down = model.model.layers[1].mlp.down_proj
+    assert recorded_module(model, "model.layers.1.mlp.down_proj") is down
+    assert recorded_module(model, "layers.1.mlp.down_proj") is down
+    with pytest.raises(ValueError, match="no module named like"):
+        recorded_module(model, "layers.9.mlp.down_proj")
+    with pytest.raises(ValueError, match="several modules"):
+        recorded_module(model, "mlp.down_proj")
 
 
 @pytest.mark.parametrize("args, reason", [

@@ -35,6 +35,19 @@ def model_context(model) -> int:
     raise ValueError(f"the model's config ({type(config).__name__}) names no maximum number of positions")
 
 
+def recorded_module(model, path: str) -> torch.nn.Module:
+    """The module the history recorded as ``path``: its name in ``model``, or, when the recorder was attached
+    to a submodule (e.g. the base model inside the causal LM), the one module whose name ends with it."""
+    named = dict(model.named_modules())
+    if path in named:
+        return named[path]
+    matches = [name for name in named if name.endswith("." + path)]
+    if len(matches) != 1:
+        raise ValueError(f"the checkpoint has {'no module' if not matches else 'several modules'} named like {path!r}, "
+                         f"which the history records{': ' + ', '.join(matches) if matches else ''}")
+    return named[matches[0]]
+
+
 @torch.no_grad()
 def text_queries(model, tokenizer, text: str, modules: list[RecordedModule]) -> TextQueries:
     """Tokenize ``text`` and capture the input of every module in ``modules`` at each of its positions.
@@ -48,16 +61,12 @@ def text_queries(model, tokenizer, text: str, modules: list[RecordedModule]) -> 
     if len(ids) > context:
         raise ValueError(f"text is {len(ids)} tokens long but the model's context is {context} positions: "
                          "shorten it")
-    found = dict(model.named_modules())
-    missing = [m.module for m in modules if m.module not in found]
-    if missing:
-        raise ValueError(f"the checkpoint has no module {missing[0]} that the history records")
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for m in modules:
         def keep(_module, inputs, _output, field=m.input_field):
             captured[field] = inputs[0][0].detach().float().clone()
-        handles.append(found[m.module].register_forward_hook(keep))
+        handles.append(recorded_module(model, m.module).register_forward_hook(keep))
     try:
         model(input_ids=torch.tensor([ids], device=next(model.parameters()).device))
     finally:
