@@ -3,7 +3,7 @@ tokens each layer and module retrieves (top-k and last-k, with their text, score
 
 Nothing is fetched: the CSS and the script are inline and the result is embedded as JSON in a
 ``<script type="application/json" id="attribution">`` element. ``page.html#pos=N`` opens with token N
-selected (how the headless-browser screenshot picks one).
+selected (how the headless-browser screenshot picks one), ``#pos=N&layer=L`` showing the layers from L on.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ function moduleBox(m, heads) {
   });
   return box;
 }
-function show(p) {
+function show(p, fromLayer) {
   document.querySelectorAll('.tok').forEach(t => t.classList.toggle('sel', Number(t.dataset.pos) === p));
   const panel = document.getElementById('panel');
   panel.replaceChildren();
@@ -101,7 +101,8 @@ function show(p) {
   panel.appendChild(el('h2', null, 'position ' + p + ': ' + JSON.stringify(tok.text) +
     (p + 1 < data.tokens.length ? '  (next: ' + JSON.stringify(data.tokens[p + 1].text) + ')' : '')));
   const result = data.results[String(p)];
-  const layers = [...new Set(data.modules.map(m => m.layer))];
+  const layers = [...new Set(data.modules.map(m => m.layer))].filter(l => l >= fromLayer);
+  if (fromLayer > 0) panel.appendChild(el('div', 'share', 'layers from ' + fromLayer + ' (click a token for all)'));
   layers.forEach(layer => {
     const row = el('div', 'layer');
     row.appendChild(el('div', 'share', 'layer ' + layer));
@@ -119,7 +120,8 @@ data.tokens.forEach(t => {
 function fromHash() {
   const m = /pos=(-?\\d+)/.exec(location.hash);
   const p = m ? Number(m[1]) : data.positions[0];
-  show(attributed.has(p) ? p : data.positions[0]);
+  const layer = /layer=(\d+)/.exec(location.hash);
+  show(attributed.has(p) ? p : data.positions[0], layer ? Number(layer[1]) : 0);
 }
 window.addEventListener('hashchange', fromHash);
 fromHash();
