@@ -120,7 +120,7 @@ data.tokens.forEach(t => {
 function fromHash() {
   const m = /pos=(-?\\d+)/.exec(location.hash);
   const p = m ? Number(m[1]) : data.positions[0];
-  const layer = /layer=(\d+)/.exec(location.hash);
+  const layer = /layer=(\\d+)/.exec(location.hash);
   show(attributed.has(p) ? p : data.positions[0], layer ? Number(layer[1]) : 0);
 }
 window.addEventListener('hashchange', fromHash);
