@@ -34,7 +34,8 @@ install: $(STAMPS)/install
 # environment is about 4.7 GB; docs/cuda.md has the size and time). A separate environment CUDA_VENV
 # with the CUDA 13.0 build of torch from PyPI (`===`: the exact version, whose default wheel on PyPI is
 # the cu130 build; its nvidia-* wheels come with it), the extension built with the local nvcc for sm_80
-# and sm_90 into build-cuda/, imported, and its CUDA kernels looked up in the dispatcher.
+# and sm_90 into build-cuda/, imported, and its CUDA kernels looked up in the dispatcher. pytest and
+# hypothesis make the environment able to rehearse scripts/device_check.sh (its --dry-run) too.
 # CUDA_VENV=/path/to/venv reuses an environment that has such a torch already.
 CUDA_VENV ?= .venv-cuda
 CUDA_HOME ?= /usr/local/cuda
@@ -53,7 +54,7 @@ cuda-build: $(STAMPS)/cuda-check.$(CUDA_TAG)
 $(STAMPS)/cuda-env.$(CUDA_TAG): Makefile
 	@mkdir -p $(STAMPS)
 	test -x $(CUDA_BIN)/python || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_BIN)/python -m pip install -q '$(CUDA_TORCH)' numpy tqdm ninja setuptools wheel
+	$(CUDA_BIN)/python -m pip install -q '$(CUDA_TORCH)' numpy tqdm ninja setuptools wheel pytest hypothesis pytest-benchmark
 	@touch $@
 
 $(STAMPS)/cuda-check.$(CUDA_TAG): $(STAMPS)/cuda-env.$(CUDA_TAG) $(SOURCES)
