@@ -40,7 +40,8 @@ def extension():
             "metaclm_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
         )
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-    nvcc = ["-O3", "-g0", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    # No -g0 here: nvcc rejects it (and emits no host debug info unless asked with -g).
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
     for arch_code in os.environ.get("METACLM_CUDA_ARCHS", "80;90").split(";"):
         nvcc += [f"-gencode=arch=compute_{arch_code},code=sm_{arch_code}"]
     return CUDAExtension(

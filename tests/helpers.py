@@ -4,11 +4,16 @@ import threading
 import pytest
 import torch
 
+import metaclm_ext
 from metaclm_ext import reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# The devices the reference tests run on: the CPU always, CUDA where torch sees a GPU (skipped otherwise).
+# Marked `cuda`, as test_cuda.py is, so `pytest -m cuda` selects every CUDA test (scripts/device_check.sh).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
 
 # Value tolerances for kernel vs reference (relative to the largest score of the query head).
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -28,10 +33,32 @@ def random_limits(gen, q, n):
     return lim
 
 
+def on_device(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def on_cpu(selection):
+    """A Selection (values, indices) of any device, on the CPU for comparisons."""
+    return type(selection)(selection.values.cpu(), selection.indices.cpu())
+
+
 def assert_selection_equal(got, want):
     """Bitwise equality of a Selection (indices and values), used where scores are exact."""
     assert torch.equal(got.indices, want.indices), (got.indices, want.indices)
     assert torch.equal(got.values, want.values), (got.values, want.values)
+
+
+def assert_topk_chunking_matches_reference(device, q, h, dh, n, k, chunk_rows, seed, dtype):
+    """history_topk on `device` of integer data (random limits, the given chunking) is the reference's
+    answer bitwise: the body of the property tests, which draw the shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    queries = small_ints((q, h, dh), gen, dtype=dtype)
+    history = small_ints((n, h * dh), gen, dtype=dtype)
+    limit = torch.randint(0, n + 1, (q,), generator=gen)
+    got = metaclm_ext.history_topk(*on_device(device, queries, history), k, limit=limit, chunk_rows=chunk_rows)
+    want = ref.history_topk_reference(queries, history, k, limit=limit)
+    assert_selection_equal(on_cpu(got.top), want.top)
+    assert_selection_equal(on_cpu(got.last), want.last)
 
 
 def assert_selection_close(got, want, scores, valid, descending, rtol):

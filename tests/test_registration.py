@@ -10,7 +10,7 @@ import torch
 
 import metaclm_ext
 from metaclm_ext.ops import PAD_INDEX
-from helpers import requires_cuda
+from helpers import DEVICES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu")))
@@ -52,15 +52,10 @@ OPS = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name, make_args", OPS)
-def test_opcheck(name, make_args, gen):
-    torch.library.opcheck(getattr(torch.ops.metaclm_ext, name).default, make_args(gen))
-
-
-@requires_cuda
-@pytest.mark.parametrize("name, make_args", OPS)
-def test_opcheck_cuda(name, make_args, gen):
-    torch.library.opcheck(getattr(torch.ops.metaclm_ext, name).default, make_args(gen, "cuda"))
+def test_opcheck(name, make_args, device, gen):
+    torch.library.opcheck(getattr(torch.ops.metaclm_ext, name).default, make_args(gen, device))
 
 
 def test_compiles_under_torch_compile(gen):
