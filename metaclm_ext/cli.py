@@ -7,10 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import analyze, data, demo, dualcheck, knn, probe, reproduce, store_info, train
+from .commands import (analyze, data, demo, dualcheck, finetune, finetune_analyze, knn, probe, reproduce, store_info,
+                       train)
 
 # In the order `metaclm --help` lists them.
-COMMANDS = (demo, data, train, dualcheck, analyze, knn, store_info, probe, reproduce)
+COMMANDS = (demo, data, train, dualcheck, analyze, knn, store_info, probe, reproduce, finetune, finetune_analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
