@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..probe.models import LensModel
+from ..recording import select_modules
 
 # model_type -> (HistoryRecorder preset, the attribute under which the preset finds the decoder layers)
 FAMILIES = {"llama": ("llama", "layers"), "gemma3": ("gemma3", "layers"), "gemma3_text": ("gemma3", "layers"),
@@ -26,6 +27,11 @@ class LayerView(torch.nn.Module):
         self.preset = preset
         self.config = lm.model.config
         setattr(self, attribute, torch.nn.ModuleDict({str(l): lm.layers[l] for l in layers}))
+
+
+def projections(view: LayerView) -> list[torch.nn.Module]:
+    """The attention output and FFN down projections the view's preset selects."""
+    return [spec.module for spec in select_modules(view, view.preset)]
 
 
 def family_preset(lm: LensModel) -> tuple[str, str]:

@@ -35,7 +35,7 @@ LABELS = ("article", "article_next_token", "next_token")
 @dataclass
 class AnalysisConfig:
     k: int = 10
-    max_queries: int = 400  # held-out positions per checkpoint (a seeded sample when there are more)
+    max_queries: int = 256  # held-out positions per checkpoint (a seeded sample when there are more)
     seed: int = 0
 
     def check(self) -> None:

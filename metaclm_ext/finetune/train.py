@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from ..probe.models import load_model
 from ..recording import HistoryRecorder
 from .documents import load_documents
-from .layers import LayerView, family_preset, parse_layers
+from .layers import LayerView, family_preset, parse_layers, projections
+from .precision import hold_in_float64
 from .packing import batches, epochs_read, token_stream
 from .runfolder import ARTICLES, CHECKPOINTS, HISTORY, HISTORY_FP32, SUMMARY, checkpoint_name, folder_bytes
 
@@ -85,12 +86,6 @@ def model_context(config) -> Optional[int]:
     return None
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out} is not empty: fine-tune into a new folder (a run is never overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _save_checkpoint(lm, out: Path, step: int) -> Path:
     folder = out / CHECKPOINTS / checkpoint_name(step)
     lm.model.save_pretrained(folder)
@@ -109,6 +104,10 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Fine-tune, record, save checkpoints and write finetune.json / articles.json; returns finetune.json."""
     cfg.check()
     started = time.perf_counter()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty: fine-tune into a new folder (a run is never overwritten)")
+    corpus = load_documents(cfg.corpus, cfg.heldout_sentences, cfg.seed)
     lm = load_model(cfg.model)
     context = model_context(lm.model.config)
     if context is not None and cfg.seq_len > context:
@@ -118,15 +117,16 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     fp32_layers = parse_layers(cfg.fp32_layers, num_layers, "--fp32-layers")
     if not layers and not fp32_layers:
         raise ValueError("--layers and --fp32-layers select no layer: nothing would be recorded")
-    corpus = load_documents(cfg.corpus, cfg.heldout_sentences, cfg.seed)
     stream = token_stream(corpus, lm.tokenizer, cfg.document_tokens, cfg.seed)
     steps = cfg.steps
     plan = batches(stream, steps, cfg.batch_size, cfg.seq_len)
-    out = Path(cfg.out)
-    _prepare_out(out)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
     model = lm.model.train()
+    # Before the recorders attach, so that they record the float64 modules' float64 inputs and outputs.
+    if fp32_layers:
+        hold_in_float64(projections(LayerView(lm, fp32_layers)))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)  # plain SGD: the errors sum to the change
     stores = {name: (chosen, dtype) for name, chosen, dtype in ((HISTORY, layers, cfg.dtype),
                                                                (HISTORY_FP32, fp32_layers, "float32")) if chosen}
@@ -192,6 +192,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         "rows": {name: steps * rows_per_step for name in recorders},
         "bytes": {name: folder_bytes(out / name) for name in recorders},
         "stores": {name: {"dtype": dtype, "layers": chosen} for name, (chosen, dtype) in stores.items()},
+        "float64_weights": {"layers": fp32_layers, "why": "precision.py: the exactness-checked projections keep "
+                            "float64 weights so that float32 rounding of each SGD update does not blur their change"},
         "wall_seconds": {"total": time.perf_counter() - started, "training": training_seconds,
                          "checkpoints": checkpoint_seconds},
         "tokens_per_second": steps * rows_per_step / training_seconds,
