@@ -3,13 +3,12 @@ Figure 3 (MHSA / FFN rows, top-k / last-k columns, one line per layer over the c
 a per-layer view at the last checkpoint, and same_article.md."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..analyze.attention import MODULES
-from ..analyze.report import _legend_below, _plt, _state_colors
+from ..analyze.report import _legend_below, _plt, _state_colors, write_result
 from ..history_names import field_name
 from ..markdown import table
 from .same_article import LABELS
@@ -55,6 +54,7 @@ def _over_checkpoints(result: dict, label: str, path: Path) -> None:
 def _by_layer(result: dict, path: Path) -> None:
     """The last checkpoint, every layer on the x axis: readable where 30 lines over 3 checkpoints are not."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator  # matplotlib only when plotting, as in analyze.report
     fig, axes = plt.subplots(1, len(LABELS), figsize=(13, 4), sharex=True)
     for ax, label in zip(axes, LABELS):
         for kind, module in MODULES.items():
@@ -65,6 +65,7 @@ def _by_layer(result: dict, path: Path) -> None:
         ax.axhline(result["chance"][label][-1], color="k", ls="--", lw=1, label="chance")
         ax.set_title(label_name(result, label), fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("%")
     fig.suptitle(f"Same-label share of the attended fine-tuning tokens per layer at step {result['checkpoints'][-1]} "
                  f"({result['limits'][-1]:,} history rows)", fontsize=10)
@@ -113,7 +114,8 @@ def markdown(result: dict, files: dict) -> str:
                                 f"{np.nanmin(values):.1f}", f"{np.nanmax(values):.1f}", f"{chance[label]:.1f}"])
     lines += [f"## At the last checkpoint (step {result['checkpoints'][-1]}), over the recorded layers", "",
               *table(["ground truth", "module", "attended", "mean %", "min %", "max %", "chance %"], summary), "",
-              f"## Same {doc}, per layer (last checkpoint; chance {chance['article']:.1f}%)", "",
+              f"## Same {doc}, per layer (last checkpoint; chance {chance['article']:.1f}%; layers numbered from 1)",
+              "",
               *table(["layer", f"MHSA top-{k}", f"MHSA last-{k}", f"FFN top-{k}", f"FFN last-{k}"],
                      layer_rows(result)), "", "## Figures", ""]
     lines += [f"![{name}]({file})" for name, file in files.items()]
@@ -123,10 +125,4 @@ def markdown(result: dict, files: dict) -> str:
 
 def write_outputs(result: dict, out_dir) -> dict:
     """same_article.json, the PNG figures and same_article.md in ``out_dir``; returns {name: file}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = figures(result, out)
-    result = {**result, "files": files}
-    (out / "same_article.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "same_article.md").write_text(markdown(result, files))
-    return {**files, "json": "same_article.json", "summary": "same_article.md"}
+    return write_result(result, out_dir, figures, markdown, "same_article.json", "same_article.md")
