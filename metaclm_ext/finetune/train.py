@@ -100,6 +100,47 @@ def _recorder(lm, path: Path, layers: list[int], dtype: str, corpus) -> HistoryR
                                                "label": corpus.label, "layers": layers}})
 
 
+def _train(lm, plan: list, recorders: dict, optimizer, cfg: FinetuneConfig, saves: list[int], out: Path,
+           row_bytes: int, progress: bool) -> tuple[list[float], set[int], dict]:
+    """The training loop: one recorded forward/backward per step, checkpoints at ``saves`` (step 0 first).
+    Returns the losses, the trained document ids and the seconds spent training and saving checkpoints."""
+    model = lm.model
+    losses, trained = [], set()
+    started = t = time.perf_counter()
+    _save_checkpoint(lm, out, 0)
+    checkpoint_seconds = time.perf_counter() - t
+    bar = tqdm(total=len(plan) * cfg.batch_size * cfg.seq_len, unit="tok", unit_scale=True, desc="fine-tuning",
+               disable=not progress)
+    for step, batch in enumerate(plan):
+        with contextlib.ExitStack() as stack:
+            for recorder in recorders.values():
+                stack.enter_context(recorder.capture(targets=batch.targets, tokens=batch.inputs,
+                                                     metadata={LABEL_COLUMN: batch.labels}))
+            logits = model(input_ids=batch.inputs, use_cache=False).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.targets.reshape(-1))
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss is not finite at step {step}: lower --lr (now {cfg.lr:g})")
+            loss.backward()
+        if cfg.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        for recorder in recorders.values():
+            if recorder.step(optimizer, step) is None:
+                raise ValueError(f"a gradient is not finite at step {step}: lower --lr (now {cfg.lr:g})")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        trained.update(batch.labels.unique().tolist())
+        bar.update(batch.inputs.numel())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", history=f"{bar.n * row_bytes / 1e9:.2f}GB")
+        if step + 1 in saves:
+            t = time.perf_counter()
+            _save_checkpoint(lm, out, step + 1)
+            checkpoint_seconds += time.perf_counter() - t
+    bar.close()
+    return losses, trained, {"training": time.perf_counter() - started - checkpoint_seconds,
+                             "checkpoints": checkpoint_seconds}
+
+
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Fine-tune, record, save checkpoints and write finetune.json / articles.json; returns finetune.json."""
     cfg.check()
@@ -134,41 +175,9 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     row_bytes = sum(sum(s.in_features + s.out_features for s in r.specs) * (4 if stores[n][1] == "float32" else 2)
                     for n, r in recorders.items())
     saves = checkpoint_steps(steps, cfg.checkpoints)
-    losses, trained = [], set()
-    train_started = t = time.perf_counter()
-    _save_checkpoint(lm, out, 0)
-    checkpoint_seconds = time.perf_counter() - t
-    bar = tqdm(total=steps * cfg.batch_size * cfg.seq_len, unit="tok", unit_scale=True, desc="fine-tuning",
-               disable=not progress)
-    for step, batch in enumerate(plan):
-        with contextlib.ExitStack() as stack:
-            for recorder in recorders.values():
-                stack.enter_context(recorder.capture(targets=batch.targets, tokens=batch.inputs,
-                                                     metadata={LABEL_COLUMN: batch.labels}))
-            logits = model(input_ids=batch.inputs, use_cache=False).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.targets.reshape(-1))
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss is not finite at step {step}: lower --lr (now {cfg.lr:g})")
-            loss.backward()
-        if cfg.clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        for recorder in recorders.values():
-            if recorder.step(optimizer, step) is None:
-                raise ValueError(f"a gradient is not finite at step {step}: lower --lr (now {cfg.lr:g})")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        trained.update(batch.labels.unique().tolist())
-        bar.update(batch.inputs.numel())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", history=f"{bar.n * row_bytes / 1e9:.2f}GB")
-        if step + 1 in saves:
-            t = time.perf_counter()
-            _save_checkpoint(lm, out, step + 1)
-            checkpoint_seconds += time.perf_counter() - t
-    bar.close()
+    losses, trained, seconds = _train(lm, plan, recorders, optimizer, cfg, saves, out, row_bytes, progress)
     for recorder in recorders.values():
         recorder.close()
-    training_seconds = time.perf_counter() - train_started - checkpoint_seconds
 
     rows_per_step = cfg.batch_size * cfg.seq_len
     articles = {"label": corpus.label, "corpus": corpus.description,
@@ -194,9 +203,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         "stores": {name: {"dtype": dtype, "layers": chosen} for name, (chosen, dtype) in stores.items()},
         "float64_weights": {"layers": fp32_layers, "why": "precision.py: the exactness-checked projections keep "
                             "float64 weights so that float32 rounding of each SGD update does not blur their change"},
-        "wall_seconds": {"total": time.perf_counter() - started, "training": training_seconds,
-                         "checkpoints": checkpoint_seconds},
-        "tokens_per_second": steps * rows_per_step / training_seconds,
+        "wall_seconds": {"total": time.perf_counter() - started, **seconds},
+        "tokens_per_second": steps * rows_per_step / seconds["training"],
         "losses": losses,
         "checkpoints": [{"step": s, "path": f"{CHECKPOINTS}/{checkpoint_name(s)}", "history_rows": s * rows_per_step}
                         for s in saves],
