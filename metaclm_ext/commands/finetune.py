@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default=DEFAULTS.layers,
                    help="layers recorded into history/ in --dtype: all, none or e.g. 0,mid,-1 (default all)")
     p.add_argument("--fp32-layers", default=DEFAULTS.fp32_layers,
-                   help="layers recorded again, in float32, into history-fp32/ for the exactness check "
+                   help="layers recorded again, in float32, into history-fp32/ for the exactness check; their "
+                        "projections train with float64 weights so that float32 rounding does not blur the change "
                         f"(default {DEFAULTS.fp32_layers}: first, middle, last; none to skip)")
     p.add_argument("--dtype", default=DEFAULTS.dtype, choices=("float16", "bfloat16", "float32"),
                    help=f"float type of history/ (default {DEFAULTS.dtype})")
