@@ -33,11 +33,13 @@ def _over_checkpoints(result: dict, label: str, path: Path) -> None:
     for row, (kind, module) in enumerate(MODULES.items()):
         layers = _layers(result, kind)
         colors = _state_colors(max(len(layers), 1))
+        # A legend entry for at most ~8 layers (the colours run from the first layer to the last in order).
+        named = set(layers[::max(1, len(layers) // 7)]) | {layers[-1]} if layers else set()
         for col, side in enumerate(SIDES):
             ax = axes[row, col]
             for color, l in zip(colors, layers):
                 ax.plot(steps, result["fields"][field_name(kind, l)][label][side], "o-", ms=2.5, lw=1, color=color,
-                        label=f"layer {l + 1}")
+                        label=f"layer {l + 1}" if l in named else "_nolegend_")
             ax.plot(steps, chance, "k--", lw=1, label="chance")
             ax.set_title(f"{module}: {side}-{result['k']} attended", fontsize=9)
             ax.set_ylabel(f"{label_name(result, label)} (%)")
@@ -45,8 +47,7 @@ def _over_checkpoints(result: dict, label: str, path: Path) -> None:
     fig.suptitle(f"Attention over the fine-tuning history, ground truth: {label_name(result, label)} (cf. paper "
                  f"Fig. 3)\n{result['model']['description'].split(' (')[0]}; {result['queries_per_checkpoint']} "
                  f"held-out queries per checkpoint, {result['history_rows']:,} history rows", fontsize=10)
-    ncol = min(len(_layers(result, "mlp")) + 1, 11)
-    _legend_below(fig, axes[0, 0], ncol)
+    _legend_below(fig, axes[0, 0], len(axes[0, 0].get_legend_handles_labels()[1]))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
