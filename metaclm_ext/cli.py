@@ -10,10 +10,12 @@ import argparse
 import sys
 
 from .boundary import run_guarded
-from .commands import analyze, attribute, data, demo, dualcheck, knn, probe, reproduce, store_info, train
+from .commands import (analyze, attribute, data, demo, dualcheck, finetune, finetune_analyze, knn, probe, reproduce,
+                       store_info, train)
 
 # In the order `metaclm --help` lists them.
-COMMANDS = (demo, data, train, dualcheck, analyze, attribute, knn, store_info, probe, reproduce)
+COMMANDS = (demo, data, train, dualcheck, analyze, knn, store_info, probe, reproduce, finetune, finetune_analyze,
+            attribute)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,8 @@ def tiny_settings(model: str, corpus: str) -> dict:
         "analyze_table6": {"parts": ["inner_loss", "norms"]},  # Figure 6 needs the norms only
         "probe_wikipedia": probe, "probe_news": dict(probe),
         "appendix_b": {"max_samples": 4},
+        "finetune_lm": {"model": model, "corpus": corpus, "tokens": 64, "seq_len": 16, "fp32_layers": "0,-1",
+                        "max_queries": 16, "dualcheck_queries": 16},
     }
 
 
@@ -91,6 +93,12 @@ def test_report_puts_the_papers_numbers_beside_ours(tiny):
     assert f"{paper['table3_after_filtering_loss_gt_10']['GPT-2']['1bw']:,} of 5,000" in text
     # The dual form is exact for the float32 SGD history.
     assert report["stages"]["dualcheck_table5"]["headline"]["passed"] is True and "**PASS**" in text
+    # The fine-tuning stage comes last, apart from the paper's sections, with its exactness verdict.
+    beyond = text.index("# Beyond the paper")
+    assert beyond > text.index("## Settings") and "SmolLM2-135M-Instruct" in text[beyond:]
+    finetuned = report["stages"]["finetune_lm"]["headline"]
+    assert finetuned["dualcheck"]["history-fp32"]["passed"] is True and "**PASS** (tolerance 0.0001)" in text[beyond:]
+    assert finetuned["tokens"] == 64 and len(finetuned["same_article"]["layers"]) == 3
     # Every figure the report links exists.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(links) >= 12 and all((out / link).is_file() for link in links)

@@ -9,6 +9,8 @@ whose label equals the query's, aggregated over heads and queries.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -71,16 +73,19 @@ def topk_over_history(queries: torch.Tensor, store, field: str, k: int, limit: t
 
 def history_attention(store, queries: dict[str, torch.Tensor], labels: dict[str, np.ndarray],
                       limits: np.ndarray, groups: np.ndarray, num_groups: int, heads: int, k: int = 10,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, history_labels: Optional[dict[str, np.ndarray]] = None) -> dict:
     """Same-label percentages of the top-k and last-k history rows, per field, label and group.
 
     ``queries`` maps a store field ("attn_in.l" / "mlp_in.l") to [Q, width] query vectors; attention fields
-    are scored per head (``heads`` heads), FFN fields as one vector. Returns
+    are scored per head (``heads`` heads), FFN fields as one vector. ``history_labels`` {label: [N]} gives
+    each history row's labels (default: the store's columns named by LABELS); ``labels`` gives the
+    queries' under the same names. Returns
     {"fields": {field: {label: {"top": [G], "last": [G]}}}, "chance": {label: [G]}}.
     """
-    history_labels = {name: store.read(LABEL_COLUMNS[name]) for name in LABELS}
+    if history_labels is None:
+        history_labels = {name: store.read(LABEL_COLUMNS[name]) for name in LABELS}
     out = {"fields": {}, "chance": {name: chance_percent(history_labels[name], limits, labels[name], groups,
-                                                         num_groups).tolist() for name in LABELS}}
+                                                         num_groups).tolist() for name in history_labels}}
     for field, q in tqdm(queries.items(), desc="attention over history", unit="field", disable=not progress):
         if field not in store:
             raise ValueError(f"the history store {store.path} has no field {field!r} (has {sorted(store.fields)})")
@@ -90,6 +95,6 @@ def history_attention(store, queries: dict[str, torch.Tensor], labels: dict[str,
             name: {side: same_label_percent(sel.indices, history_labels[name], labels[name], groups,
                                             num_groups).tolist()
                    for side, sel in (("top", res.top), ("last", res.last))}
-            for name in LABELS
+            for name in history_labels
         }
     return out

@@ -242,12 +242,18 @@ def markdown(result: dict, files: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result: dict, out_dir) -> dict:
-    """analysis.json, the PNG figures and summary.md in ``out_dir``; returns {name: file}."""
+def write_result(result: dict, out_dir, make_figures, make_markdown, json_name: str, summary_name: str) -> dict:
+    """``make_figures(result, out)`` -> {name: file}, then the result with its files as ``json_name`` and
+    ``make_markdown(result, files)`` as ``summary_name`` in ``out_dir``; returns {name: file}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = figures(result, out)
+    files = make_figures(result, out)
     result = {**result, "files": files}
-    (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "summary.md").write_text(markdown(result, files))
-    return {**files, "json": "analysis.json", "summary": "summary.md"}
+    (out / json_name).write_text(json.dumps(result, indent=1) + "\n")
+    (out / summary_name).write_text(make_markdown(result, files))
+    return {**files, "json": json_name, "summary": summary_name}
+
+
+def write_outputs(result: dict, out_dir) -> dict:
+    """analysis.json, the PNG figures and summary.md in ``out_dir``; returns {name: file}."""
+    return write_result(result, out_dir, figures, markdown, "analysis.json", "summary.md")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..finetune.train import model_context
 from .run import RecordedModule
 
 
@@ -24,15 +25,6 @@ def load_checkpoint(path: Path):
     """(model in eval mode, fp32, on the CPU; its tokenizer) from a save_pretrained folder."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def model_context(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ValueError(f"the model's config ({type(config).__name__}) names no maximum number of positions")
 
 
 def recorded_module(model, path: str) -> torch.nn.Module:
@@ -57,7 +49,9 @@ def text_queries(model, tokenizer, text: str, modules: list[RecordedModule]) -> 
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text is empty: give the sentence to attribute")
     ids = tokenizer(text)["input_ids"]
-    context = model_context(model)
+    context = model_context(model.config)
+    if context is None:
+        raise ValueError(f"the model's config ({type(model.config).__name__}) names no maximum number of positions")
     if len(ids) > context:
         raise ValueError(f"text is {len(ids)} tokens long but the model's context is {context} positions: "
                          "shorten it")

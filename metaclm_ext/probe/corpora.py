@@ -45,24 +45,34 @@ def _gensim_file(name: str) -> Path:
     return path
 
 
-def _wikipedia_texts() -> list[str]:
+def wikipedia_articles() -> list[tuple[str, int, list[str]]]:
+    """(title, page id, prose sentences) of every article of the gensim Wikipedia sample but redirects."""
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki  # gensim only here, as in _gensim_file
 
     out = []
     with bz2.open(_gensim_file(WIKI_FILE)) as fh:
-        for _title, text, _pid in extract_pages(fh):
+        for title, text, pid in extract_pages(fh):
             clean = filter_wiki(text)
             if clean.lstrip().upper().startswith("#REDIRECT"):
                 continue
-            for para in clean.split("\n"):
-                # Lists, tables and image captions leave '|', '=' and '*' behind: keep running prose only.
-                if para.strip() and not re.search(r"[|=*{}\[\]]", para):
-                    out.extend(sentences(para))
+            # Lists, tables and image captions leave '|', '=' and '*' behind: keep running prose only.
+            out.append((title, int(pid), [s for para in clean.split("\n")
+                                          if para.strip() and not re.search(r"[|=*{}\[\]]", para)
+                                          for s in sentences(para)]))
     return out
 
 
+def news_documents() -> list[list[str]]:
+    """The sentences of each news story of the Lee background corpus (one story a line)."""
+    return [sentences(line) for line in _gensim_file(NEWS_FILE).read_text(encoding="utf-8").splitlines()]
+
+
+def _wikipedia_texts() -> list[str]:
+    return [s for _title, _pid, article in wikipedia_articles() for s in article]
+
+
 def _news_texts() -> list[str]:
-    return [s for line in _gensim_file(NEWS_FILE).read_text(encoding="utf-8").splitlines() for s in sentences(line)]
+    return [s for story in news_documents() for s in story]
 
 
 def _file_texts(path: Path) -> list[str]:

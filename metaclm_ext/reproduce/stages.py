@@ -8,6 +8,7 @@ stage.json files alone.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -16,11 +17,16 @@ from .. import data
 from ..analyze import AnalyzeConfig, analyze_run
 from ..analyze import report as analysis_report
 from ..dualcheck import dualcheck, format_report
+from ..finetune import FinetuneConfig, finetune
+from ..finetune import report as finetune_report
+from ..finetune.exactness import check_run
+from ..finetune.same_article import AnalysisConfig, same_article_analysis
 from ..knn import evaluate_run
 from ..paper import paper_numbers
 from ..probe import report as probe_report
 from ..probe.linear import synthetic_run
 from ..probe.run import ProbeConfig, run_probe
+from ..recording import format_report as format_store_report
 from ..training import load_run, make_config
 from ..training.loop import train
 
@@ -62,6 +68,14 @@ SETTINGS: dict[str, dict[str, tuple]] = {
     "probe_wikipedia": _probe_settings("wikipedia"),
     "probe_news": _probe_settings("news"),
     "appendix_b": {"epoch": (None, None), "max_samples": (50, 200)},
+    # Beyond the paper: `metaclm finetune` at its defaults in --paper; in --quick 2 steps of 2 x 64 tokens
+    # recording 3 layers (a minute or two on 2 CPU cores, mostly loading and saving the model).
+    "finetune_lm": {
+        "model": ("smollm2", "smollm2"), "corpus": ("wikipedia", "wikipedia"), "tokens": (256, 50_000),
+        "seq_len": (64, 128), "batch_size": (2, 4), "lr": (0.01, 0.01), "layers": ("0,mid,-1", "all"),
+        "fp32_layers": ("0,-1", "0,mid,-1"), "checkpoints": (2, 4), "document_tokens": (128, 1024),
+        "max_queries": (32, 256), "dualcheck_queries": (32, 256),
+    },
 }
 SCALES = ("quick", "paper")
 PROBE_COLUMNS = {"probe_wikipedia": "wikitext103", "probe_news": "1bw"}  # the paper column each probe stands in for
@@ -175,6 +189,31 @@ def _appendix_b(ctx: Context, cfg: dict, out: Path) -> dict:
     return {k: v for k, v in summary.items() if k != "per_sample"}
 
 
+def _finetune_lm(ctx: Context, cfg: dict, out: Path) -> dict:
+    cfg = dict(cfg)
+    queries, checked = cfg.pop("max_queries"), cfg.pop("dualcheck_queries")
+    run_dir = out / "run"
+    if run_dir.exists():  # a stage rerun starts over: a run folder is never overwritten
+        shutil.rmtree(run_dir)
+    summary = finetune(FinetuneConfig(out=str(run_dir), **cfg), progress=ctx.progress)
+    reports = check_run(run_dir, max_queries=checked)
+    (out / "dualcheck.json").write_text(json.dumps(reports, indent=1) + "\n")
+    print("\n\n".join(format_store_report(r) for r in reports.values()))
+    result = same_article_analysis(run_dir, AnalysisConfig(max_queries=queries), progress=ctx.progress)
+    files = finetune_report.write_outputs(result, out / "same-article")
+    return {"model": summary["model"], "corpus": summary["corpus"], "steps": summary["steps"],
+            "tokens": summary["tokens"], "rows": summary["rows"], "bytes": summary["bytes"],
+            "stores": summary["stores"], "wall_seconds": summary["wall_seconds"],
+            "tokens_per_second": summary["tokens_per_second"], "loss": [summary["losses"][0], summary["losses"][-1]],
+            "dualcheck": {name: {k: r[k] for k in ("rows", "history_dtype", "max_relative_error", "passed", "tolerance")}
+                          for name, r in reports.items()},
+            "same_article": {"label": result["label"], "k": result["k"], "checkpoints": result["checkpoints"],
+                             "limits": result["limits"], "queries": result["queries_per_checkpoint"],
+                             "chance": {label: c[-1] for label, c in result["chance"].items()},
+                             "layers": finetune_report.layer_rows(result), "seconds": result["seconds"]},
+            "files": {name: f"same-article/{file}" for name, file in files.items()}}
+
+
 class Stage(NamedTuple):
     name: str
     needs: tuple
@@ -193,4 +232,5 @@ STAGES = [  # in an order that runs every stage after the stages it needs
     Stage("probe_wikipedia", (), _probe, "Tables 1, 3, Figures 4, 5 (Wikitext-103 column)"),
     Stage("probe_news", (), _probe, "Tables 1, 3, Figures 7, 8 (1BW column)"),
     Stage("appendix_b", ("train_table5",), _appendix_b, "Appendix B, Proposition 1"),
+    Stage("finetune_lm", (), _finetune_lm, "Beyond the paper: a real LM's fine-tuning history, exact and queried"),
 ]
