@@ -240,7 +240,7 @@ def test_torchrun_splits_the_history_and_writes_what_one_process_writes(tiny_run
     out = tmp_path / "two-ranks"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "metaclm_ext.cli", "analyze", str(run), "--parts", "attention", "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+                           "--no-progress"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "analysis.json").read_text())
     assert result["attention"] == json.loads(json.dumps(analysis["attention"]))

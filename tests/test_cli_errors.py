@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -17,14 +18,13 @@ from metaclm_ext.commands import store_info
 from metaclm_ext.training import load_checkpoint, load_run, make_config, resolve_device
 from metaclm_ext.training.loop import train
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _metaclm(*argv, env=None):
-    """`python -m metaclm_ext.cli ARGV` in a fresh process: (exit code, stderr)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    """`python -m metaclm_ext.cli ARGV` in a fresh process, run outside the source tree so that it imports
+    the installed package as the tests do: (exit code, stderr)."""
     done = subprocess.run([sys.executable, "-m", "metaclm_ext.cli", *map(str, argv)], capture_output=True,
-                          text=True, env=full_env, timeout=300)
+                          text=True, env={**os.environ, **(env or {})}, timeout=300, cwd=tempfile.gettempdir())
     return done.returncode, done.stderr
 
 

@@ -376,7 +376,7 @@ def test_resume_cuts_a_store_back_to_the_recorders_last_commit(tmp_path):
             opt.step()
         os._exit(0)
     """)
-    subprocess.run([sys.executable, "-c", script], check=True)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     assert len(HistoryStore(tmp_path / "h")) == 16  # two shards of 8 of the 20 rows
     resumed = HistoryRecorder(nn.Sequential(nn.Linear(8, 4)), tmp_path / "h", modules=["0"], resume=True)
     assert resumed.next_step == 0 and len(resumed.writer) == 0

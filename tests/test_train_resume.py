@@ -43,7 +43,7 @@ def _assert_same_run(a, b):
 def test_interrupted_run_resumes_into_the_uninterrupted_one(uninterrupted, tmp_path, how):
     run = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "metaclm_ext.cli", "train", "--out", str(run), *ARGS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     state = run / "checkpoints" / "epoch_0002" / "train_state.pt"
     deadline = time.monotonic() + 300
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:

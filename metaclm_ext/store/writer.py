@@ -248,11 +248,18 @@ class HistoryWriter:
         cut = rows - start  # rows kept of the first dropped shard, rewritten as a new partial shard
         if cut:
             store = HistoryStore(self.path)
-            for name, buf in self._buffers.items():
-                buf[:cut] = store.read(name, start, rows, raw=True)
+            kept_rows = {name: store.read(name, start, rows, raw=True) for name in self._buffers}
+            before = self._manifest, self._open_committed
             self._manifest = {**self._manifest, "shards": kept + [dropped[0]]}
-            self._buffered = self._open_committed = cut
-            self._commit()  # replaces dropped[0] by the kept rows in one manifest write
+            self._open_committed = cut  # so that the commit replaces dropped[0], in one manifest write
+            try:
+                self._commit([(cut, {name: [r] for name, r in kept_rows.items()})])
+            except BaseException:
+                self._manifest, self._open_committed = before  # nothing changed on disk: as before the call
+                raise
+            for name, r in kept_rows.items():
+                self._buffers[name][:cut] = r
+            self._buffered = cut
             dropped = dropped[1:]
         else:
             manifest = {**self._manifest, "rows": rows, "shards": kept}
