@@ -61,6 +61,12 @@ setup(
     packages=find_packages(include=["metaclm_ext", "metaclm_ext.*"]),
     package_data={"metaclm_ext": ["paper-numbers.json"]},
     python_requires=">=3.10",
+    # torch is not listed: the extension is built against, and must run with, the torch already installed.
+    install_requires=["numpy>=1.26", "tqdm>=4.66"],
+    extras_require={  # the research toolkit beyond the kernels and the store (requirements.txt pins a tested set)
+        "toolkit": ["transformers>=4.46", "tokenizers", "safetensors", "accelerate", "gguf", "faiss-cpu>=1.8",
+                    "matplotlib>=3.8", "scikit-learn>=1.4", "scipy", "exrex>=0.11", "gensim>=4.3"],
+    },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["metaclm = metaclm_ext.cli:main"]},
