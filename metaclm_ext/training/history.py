@@ -25,6 +25,7 @@ __all__ = ["COLUMNS", "LABEL_COLUMNS", "STORE_COLUMNS", "open_recorder", "step_m
 COLUMNS = ("epoch", "example", "seed", "seed_next_token")
 STORE_COLUMNS = BASE_COLUMNS + COLUMNS  # every column of a run's store
 # The ground truths the analysis compares queries with, and the store column that holds each.
+COMMIT_AT_CHECKPOINTS = 2**62  # steps per commit: never by count, only by recorder.commit()
 LABEL_COLUMNS = {"seed": "seed", "seed_next_token": "seed_next_token", "next_token": "target"}
 
 
@@ -34,8 +35,10 @@ def open_recorder(model, cfg: TrainConfig, path: Path, vocab_size: int,
     step (rows of later steps, recorded after the checkpoint a resumed run starts from, are dropped)."""
     attrs = {"layers": cfg.n_layer, "heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
              "vocab_size": vocab_size, "optimizer": cfg.optimizer, "seed_next_token": "seed * vocab_size + target"}
+    # Committed at each checkpoint (loop.py), not each step: a commit fsyncs every field's file, which on the
+    # paper's small model costs more than the step itself; a resumed run restarts from a checkpoint anyway.
     return HistoryRecorder(model, path, "gpt2", errors=cfg.record_errors, dtype=cfg.history_dtype,
-                           columns={c: "int64" for c in COLUMNS}, attrs=attrs,
+                           columns={c: "int64" for c in COLUMNS}, attrs=attrs, commit_every=COMMIT_AT_CHECKPOINTS,
                            resume=resume_at_step is not None, resume_at_step=resume_at_step)
 
 

@@ -181,6 +181,8 @@ def _run_epochs(run, model, opt, sched, gen: torch.Generator, first_epoch: int, 
             (run_dir / "losses.json").write_text(json.dumps(losses, indent=1) + "\n")
             if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
                 folder = checkpoint_dir(run_dir, epoch)
+                if recorder is not None:
+                    recorder.commit()  # the history up to this checkpoint, before the checkpoint exists
                 model.save_pretrained(folder)
                 save_train_state(folder, _train_state(epoch, step, opt, sched, gen, losses, wall))
             bar.set_postfix(train=f"{total / count:.3f}", val=f"{val:.3f}")
