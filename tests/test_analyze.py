@@ -181,6 +181,10 @@ def test_verdict_rule_and_claim_texts():
     assert claims.verdict([C("a", True), C("b", False)]) == claims.PARTLY
     assert claims.verdict([C("a", True), C("b", False), C("c", False)]) == claims.NOT
     assert claims.verdict([]) == claims.UNTESTED
+    # context checks are never counted: they neither lift a failure nor make a claim tested
+    assert claims.verdict([C("a", False), C("ctx", True, substantive=False)]) == claims.NOT
+    assert claims.verdict([C("a", True), C("ctx", False, substantive=False)]) == claims.REPRODUCED
+    assert claims.verdict([C("ctx", True, substantive=False)]) == claims.UNTESTED
     assert claims.paper_claim("Fig 6").startswith("Fig 6: pair- and sequence-level")
     assert claims.early_late([float(v) for v in range(1, 21)]) == (1.5, 19.5)   # tenths: 2 of 20 each
     assert claims.early_late([1.0, 2.0, 3.0]) == (1.0, 3.0)

@@ -1,7 +1,10 @@
 """The paper's qualitative claims about the synthetic runs, judged on an analysis result.
 
-Each claim is split into checks that are plain comparisons of numbers in the result; a claim is
-*reproduced* when every check passes, *partly reproduced* when at least half pass, *not reproduced*
+Each claim is split into checks that are plain comparisons of numbers in the result. A check is
+*substantive* when it can fail if the paper's claim is false, and *context* when it passes whatever the
+model does (a bound far below any trained model, a comparison with a state that cannot compete): context
+checks are printed beside the verdict and never counted. Over the substantive checks, a claim is
+*reproduced* when every one passes, *partly reproduced* when at least half pass, *not reproduced*
 otherwise, and *not tested* when the run cannot test it (one checkpoint, a part left out). "Early" and
 "late" are the means over the first and the last tenth of the analysed checkpoints (one at least): the
 start and the end of training, each smoothed so that a single noisy checkpoint does not decide a trend.
@@ -23,6 +26,7 @@ SEQUENCE_MARGIN = 10.0  # Figure 6: "far above the null" = at least this many ti
 class Check(NamedTuple):
     what: str
     passed: bool
+    substantive: bool = True  # False: context, printed and never counted in the verdict
 
 
 def paper_claim(prefix: str) -> str:
@@ -34,10 +38,12 @@ def paper_claim(prefix: str) -> str:
 
 
 def verdict(checks: list[Check]) -> str:
-    if not checks:
+    """The verdict over the substantive checks (context checks never lift or lower it)."""
+    counted = [c for c in checks if c.substantive]
+    if not counted:
         return UNTESTED
-    passed = sum(c.passed for c in checks)
-    return REPRODUCED if passed == len(checks) else PARTLY if 2 * passed >= len(checks) else NOT
+    passed = sum(c.passed for c in counted)
+    return REPRODUCED if passed == len(counted) else PARTLY if 2 * passed >= len(counted) else NOT
 
 
 def early_late(series: list) -> tuple[float, float]:
