@@ -1,11 +1,18 @@
-"""Helpers shared by the tests: comparisons for the kernel tests, and a timeout for calls that could hang."""
+"""Helpers shared by the tests: comparisons for the kernel tests, a timeout for calls that could hang, and a
+store rewritten in small shards (so that every rank of a distributed test gets some)."""
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 import metaclm_ext
 from metaclm_ext import reference as ref
+from metaclm_ext.distributed import split_store
+from metaclm_ext.store import HistoryStore, HistoryWriter
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -116,3 +123,25 @@ def run_with_timeout(fn, timeout_s: float) -> dict:
     thread.join(timeout_s)
     assert not thread.is_alive(), f"{fn} still running after {timeout_s} s: it hangs"
     return outcome
+
+
+def reshard_store(path: Path, shard_rows: int, ranks: int = 2) -> None:
+    """Rewrite the store at ``path`` in place with shards of ``shard_rows`` rows (same rows, fields, attrs);
+    asserts that split_store gives each of ``ranks`` ranks some rows."""
+    original = HistoryStore(path)
+    rows = {name: original.read(name) for name in [*original.fields, *original.columns]}
+    staged = path.with_name(path.name + ".resharded")
+    with HistoryWriter.create(staged, fields=original.fields, columns=original.columns, shard_rows=shard_rows,
+                              attrs=original.attrs) as writer:
+        writer.append(rows)
+    shutil.rmtree(path)
+    staged.rename(path)
+    assert all(stop > start for start, stop in split_store(HistoryStore(path), ranks))
+
+
+def torchrun_cli(ranks: int, args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node ranks -m metaclm_ext.cli *args`, run from ``cwd`` (outside the
+    source tree, so the installed package is the one imported)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(ranks), "-m", "metaclm_ext.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)

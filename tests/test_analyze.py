@@ -1,19 +1,17 @@
 """metaclm analyze: attention over the history, clustering, inner loss, norms and the claim verdicts."""
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import reshard_store, torchrun_cli
 
 from metaclm_ext import data
 from metaclm_ext.analyze import attention, claims, clustering
 from metaclm_ext.analyze.forward import forward_split, lens_model, query_positions
 from metaclm_ext.analyze.run import AnalyzeConfig, analyze_run
 from metaclm_ext.cli import main
-from metaclm_ext.distributed import split_store
 from metaclm_ext.training import epoch_limits
 from metaclm_ext.training.history import LABEL_COLUMNS, STORE_COLUMNS as COLUMNS
 from metaclm_ext.reference import history_topk_reference
@@ -232,19 +230,9 @@ def test_torchrun_splits_the_history_and_writes_what_one_process_writes(tiny_run
     shards of the history, is the single process's; only rank 0 writes."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    history = load_run(run).history
-    original = HistoryStore(history)  # rewritten in shards of 128 rows, so that both ranks get some
-    rows = {name: original.read(name) for name in [*original.fields, *original.columns]}
-    with HistoryWriter.create(tmp_path / "resharded", fields=original.fields, columns=original.columns,
-                              shard_rows=128, attrs=original.attrs) as writer:
-        writer.append(rows)
-    shutil.rmtree(history)
-    (tmp_path / "resharded").rename(history)
-    assert all(stop > start for start, stop in split_store(HistoryStore(history), 2))
+    reshard_store(load_run(run).history, shard_rows=128)
     out = tmp_path / "two-ranks"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "metaclm_ext.cli", "analyze", str(run), "--parts", "attention", "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = torchrun_cli(2, ["analyze", run, "--parts", "attention", "--out", out, "--no-progress"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "analysis.json").read_text())
     assert result["attention"] == json.loads(json.dumps(analysis["attention"]))

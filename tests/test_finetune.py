@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import probe_models
+from helpers import reshard_store, torchrun_cli
 from metaclm_ext import HistoryStore
 from metaclm_ext.cli import main as cli
 from metaclm_ext.finetune import load_run
@@ -123,6 +124,23 @@ def test_same_article_analysis(run, tmp_path, capsys):
     for name in result["files"].values():
         assert (dest / name).stat().st_size > 0
     assert "| layer |" in (dest / "same_article.md").read_text()
+
+
+def test_torchrun_splits_the_history_and_writes_what_one_process_writes(run, tmp_path):
+    """`torchrun --nproc-per-node 2 ... metaclm finetune-analyze`: 2 gloo ranks, each streaming its shards of
+    the fine-tuning history, write the single process's analysis; only rank 0 writes."""
+    _, out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    reshard_store(load_run(copy).store_path("history"), shard_rows=64)
+    args = ["finetune-analyze", copy, "--max-queries", "20", "--no-progress"]
+    assert cli([*map(str, args), "--out", str(tmp_path / "one")]) == 0
+    proc = torchrun_cli(2, [*args, "--out", tmp_path / "two"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1
+    one, two = (json.loads((tmp_path / name / "same_article.json").read_text()) for name in ("one", "two"))
+    for key in ("fields", "chance", "checkpoints", "limits", "history_rows"):
+        assert two[key] == one[key], key
 
 
 def test_no_history_is_a_clear_error(run, tmp_path, capsys):

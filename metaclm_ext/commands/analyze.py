@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch.distributed as dist
-
 from . import out_folder
 from ..analyze.report import write_outputs
 from ..analyze.run import PARTS, AnalyzeConfig, analyze_run
-from ..distributed.launch import init_from_torchrun, local_device
+from ..distributed.launch import local_device, run_on_ranks
 from ..training import resolve_device
 
 
@@ -47,16 +45,10 @@ def main(args: argparse.Namespace) -> int:
     device = local_device(resolve_device(args.device))
     cfg = AnalyzeConfig(epochs=args.epochs, every=args.every, parts=parts, k=args.k, kmeans_init=args.kmeans_init,
                         seed=args.seed, device=str(device))
-    if init_from_torchrun(device):
-        try:
-            result = analyze_run(args.run, cfg, progress=not args.no_progress and dist.get_rank() == 0)
-            rank = dist.get_rank()
-        finally:
-            dist.destroy_process_group()
-        if rank != 0:
-            return 0
-    else:
-        result = analyze_run(args.run, cfg, progress=not args.no_progress)
+    result, writes = run_on_ranks(device, lambda shows: analyze_run(args.run, cfg,
+                                                                    progress=shows and not args.no_progress))
+    if not writes:
+        return 0
     out = args.out or args.run / "analysis"
     files = write_outputs(result, out)
     for c in result["claims"]:

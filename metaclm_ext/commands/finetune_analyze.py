@@ -1,9 +1,16 @@
-"""`metaclm finetune-analyze RUN`: which fine-tuning tokens each recorded layer attends to, for held-out sentences."""
+"""`metaclm finetune-analyze RUN`: which fine-tuning tokens each recorded layer attends to, for held-out sentences.
+
+Under ``torchrun --nproc-per-node N`` the history stream is split across the ranks (gloo: each reads its
+shards of the store); every rank gets the whole history's answer and rank 0 writes it (docs/distributed.md).
+"""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import torch
+
+from ..distributed.launch import run_on_ranks
 from ..finetune.report import layer_rows, write_outputs
 from ..finetune.same_article import AnalysisConfig, same_article_analysis
 
@@ -24,8 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = same_article_analysis(args.run, AnalysisConfig(args.k, args.max_queries, args.seed),
-                                   progress=not args.no_progress)
+    cfg = AnalysisConfig(args.k, args.max_queries, args.seed)
+    result, writes = run_on_ranks(torch.device("cpu"), lambda shows: same_article_analysis(
+        args.run, cfg, progress=shows and not args.no_progress))
+    if not writes:
+        return 0
     out = args.out or args.run / "same-article"
     files = write_outputs(result, out)
     chance = result["chance"]["article"][-1]

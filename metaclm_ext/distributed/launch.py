@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "init_from_torchrun", "local_device"]
+__all__ = ["DEFAULT_TIMEOUT_S", "init_from_torchrun", "local_device", "run_on_ranks"]
+
+T = TypeVar("T")
 
 # How long a collective waits for a rank that hangs before every other rank fails.
 DEFAULT_TIMEOUT_S = 600
@@ -29,3 +32,16 @@ def init_from_torchrun(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_
         torch.cuda.set_device(local_device(device))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return True
+
+
+def run_on_ranks(device: torch.device, compute: Callable[[bool], T]) -> tuple[T, bool]:
+    """``compute(shows_progress)`` on every rank that torchrun started, inside its process group, or in this
+    process alone; returns (result, writes): ``writes`` is True on the one process that should write the
+    outputs (rank 0, or the lone process), so that N ranks write what one process writes."""
+    if not init_from_torchrun(device):
+        return compute(True), True
+    try:
+        rank = dist.get_rank()
+        return compute(rank == 0), rank == 0
+    finally:
+        dist.destroy_process_group()
