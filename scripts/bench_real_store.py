@@ -30,7 +30,7 @@ import torch
 
 from bench_table import machine
 from metaclm_ext import HistoryStore, baselines, history_topk
-from metaclm_ext.attribution import FinetuneRun
+from metaclm_ext.attribution import AttributionRun
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent / "benchmarks" / "results" / "real-store.json"
@@ -41,7 +41,7 @@ def open_history(path: Path) -> tuple[HistoryStore, list[int]]:
     """(store, row limits of the fine-tuned checkpoints) of a run folder, or of a bare store (one limit: all
     rows). The pretrained start has no rows before it, so it has no queries."""
     if (path / "finetune.json").is_file():
-        run = FinetuneRun(path)
+        run = AttributionRun(path)
         return run.store, [c.rows for c in run.checkpoints if c.rows]
     store = HistoryStore(path)
     return store, [len(store)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetune_fixture import CHECKPOINT_STEPS, CONTEXT, HELD_OUT, TITLES, checkpoint_name, make_run
-from metaclm_ext.attribution import FinetuneRun
+from metaclm_ext.attribution import AttributionRun
 from metaclm_ext.attribution.queries import load_checkpoint, recorded_module, text_queries
 from metaclm_ext.cli import main
 from metaclm_ext.reference import history_topk_reference
@@ -34,13 +34,13 @@ def attributed(run, tmp_path_factory):
 
 
 def store_tensors(run, fields):
-    store = FinetuneRun(run).store
+    store = AttributionRun(run).store
     return {f: store.read_tensor(f).double() for f in fields}
 
 
 def captured_queries(run, step=None):
     """(module list, {input field: [T, D] fp32}) of TEXT at the checkpoint, captured independently."""
-    r = FinetuneRun(run)
+    r = AttributionRun(run)
     modules = r.select(None)
     model, tok = load_checkpoint(r.checkpoint(step).path)
     return modules, text_queries(model, tok, TEXT, modules).inputs
@@ -80,8 +80,8 @@ def test_result_covers_every_position_layer_and_module(run, attributed):
             assert scores == sorted(scores, reverse=True)
             assert all(str(row) in result["rows"] for row, _ in entry["top"] + entry["last"])
     # Every row's text is rebuilt from the store: its token and target are the recorded ones.
-    store = FinetuneRun(run).store
-    tok = load_checkpoint(FinetuneRun(run).checkpoint().path)[1]
+    store = AttributionRun(run).store
+    tok = load_checkpoint(AttributionRun(run).checkpoint().path)[1]
     for key, row in result["rows"].items():
         i = int(key)
         assert row["token"] == tok.decode([int(store.read("token", i, i + 1)[0])])
@@ -173,7 +173,7 @@ def test_earlier_checkpoint_per_head_sees_only_its_rows(run, tmp_path):
 def test_modules_recorded_on_a_submodule_are_found(run):
     """`metaclm finetune` attaches the recorder to a view of the decoder layers: its module names are suffixes
     of the checkpoint's."""
-    model, _ = load_checkpoint(FinetuneRun(run).checkpoint().path)
+    model, _ = load_checkpoint(AttributionRun(run).checkpoint().path)
     down = model.model.layers[1].mlp.down_proj
     assert recorded_module(model, "model.layers.1.mlp.down_proj") is down
     assert recorded_module(model, "layers.1.mlp.down_proj") is down

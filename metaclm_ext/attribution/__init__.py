@@ -7,6 +7,6 @@ page. See docs/attribution.md.
 """
 from .attribute import DEFINITIONS, attribute
 from .report import FILES, write_outputs
-from .run import Checkpoint, FinetuneRun, RecordedModule
+from .run import AttributionRun, Checkpoint, RecordedModule
 
-__all__ = ["DEFINITIONS", "FILES", "Checkpoint", "FinetuneRun", "RecordedModule", "attribute", "write_outputs"]
+__all__ = ["DEFINITIONS", "FILES", "AttributionRun", "Checkpoint", "RecordedModule", "attribute", "write_outputs"]

@@ -17,7 +17,7 @@ from ..store import HistoryStore
 from .context import RowContexts
 from .queries import load_checkpoint, text_queries
 from .retrieve import ModuleRetrieval, Share, retrieve
-from .run import FinetuneRun
+from .run import AttributionRun
 
 DEFINITIONS = {
     "score": "w_t = <x_t, x>: the dual-form weight of fine-tuning row t for the module's input x at the position "
@@ -41,7 +41,7 @@ def attribute(run_folder, text: str, *, position: Optional[int] = None, k: int =
     longer than the model's context, a position outside the text, or k larger than the checkpoint's rows.
     """
     started = time.time()
-    run = FinetuneRun(run_folder)
+    run = AttributionRun(run_folder)
     chosen = run.checkpoint(checkpoint)
     modules = run.select(layers)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= chosen.rows:

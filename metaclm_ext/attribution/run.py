@@ -1,4 +1,7 @@
-"""A fine-tuning run folder as `metaclm finetune` writes it, opened for attribution.
+"""A fine-tuning run folder, opened for attribution: its checkpoints with their history-row limits, the
+recorded modules and the article titles. The folder's layout has one home, metaclm_ext.finetune.runfolder
+(whose FinetuneRun reads it for `metaclm finetune-analyze`); this view adds what attribution needs and
+accepts any folder in that layout (a run of the HistoryRecorder in a user's loop included):
 
     RUN/finetune.json       model, corpus, settings, tokens, rows, and per checkpoint ("checkpoints") its
                             step, the history rows recorded before it ("history_rows") and optionally its
@@ -19,13 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..finetune.runfolder import ARTICLES, HISTORY, SUMMARY as RUN_FILE, checkpoint_folder
 from ..store import HistoryStore
-
-RUN_FILE = "finetune.json"
-HISTORY = "history"
-CHECKPOINTS = "checkpoints"
-ARTICLES = "articles.json"
-MANIFEST = "manifest.json"
+from ..store._format import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class RecordedModule:
         return f"{self.role}.{self.layer}"
 
 
-class FinetuneRun:
+class AttributionRun:
     """RUN's description, checkpoints, history store, recorded modules and article titles.
 
     Raises FileNotFoundError naming what is missing (the run file, the history store, a checkpoint
@@ -87,8 +86,8 @@ class FinetuneRun:
             if not 0 <= rows <= len(self.store):
                 raise ValueError(f"{self.folder / RUN_FILE}: checkpoint step {entry['step']} says {rows} history rows "
                                  f"but the store has {len(self.store)}")
-            path = entry.get("path") or f"{CHECKPOINTS}/step_{int(entry['step']):06d}"
-            out.append(Checkpoint(int(entry["step"]), rows, self.folder / path))
+            path = self.folder / entry["path"] if entry.get("path") else checkpoint_folder(self.folder, int(entry["step"]))
+            out.append(Checkpoint(int(entry["step"]), rows, path))
         return sorted(out, key=lambda c: c.step)
 
     def _modules(self) -> list[RecordedModule]:

@@ -26,6 +26,11 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def checkpoint_folder(run: Path, step: int) -> Path:
+    """RUN/checkpoints/step_XXXXXX: the model and tokenizer after ``step`` optimizer steps."""
+    return Path(run) / CHECKPOINTS / checkpoint_name(step)
+
+
 def is_finetune_run(path) -> bool:
     return (Path(path) / SUMMARY).exists()
 
@@ -52,7 +57,7 @@ class FinetuneRun:
         return HistoryStore(self.store_path(HISTORY))
 
     def checkpoint(self, step: int) -> Path:
-        return self.path / CHECKPOINTS / checkpoint_name(step)
+        return checkpoint_folder(self.path, step)
 
 
 def load_run(path) -> FinetuneRun:

@@ -27,7 +27,8 @@ from .documents import load_documents
 from .layers import LayerView, family_preset, parse_layers, projections
 from .precision import hold_in_float64
 from .packing import batches, epochs_read, token_stream
-from .runfolder import ARTICLES, CHECKPOINTS, HISTORY, HISTORY_FP32, SUMMARY, checkpoint_name, folder_bytes
+from .runfolder import (ARTICLES, CHECKPOINTS, HISTORY, HISTORY_FP32, SUMMARY, checkpoint_folder, checkpoint_name,
+                        folder_bytes)
 
 LABEL_COLUMN = "article"
 
@@ -87,7 +88,7 @@ def model_context(config) -> Optional[int]:
 
 
 def _save_checkpoint(lm, out: Path, step: int) -> Path:
-    folder = out / CHECKPOINTS / checkpoint_name(step)
+    folder = checkpoint_folder(out, step)
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     return folder
