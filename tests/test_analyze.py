@@ -313,7 +313,9 @@ def test_cli_writes_json_figures_and_summary(tiny_run, tmp_path, capsys):
     for figure in ("Fig 1/9", "Fig 2a/11a", "Fig 2b/11b", "Fig 3/10", "Fig 6"):
         assert f"**{figure}: " in summary
     assert "second-to-last letter" in summary and "ln_f" in summary
-    assert "Fig 3/10" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Fig 3/10" in printed and "substantive checks passed)" in printed
+    assert "substantive checks passed).** " in summary and "- context, not counted (" in summary
 
 
 def test_torchrun_splits_the_history_and_writes_what_one_process_writes(tiny_run, analysis, tmp_path):

@@ -90,7 +90,7 @@ def clustering_checks(result: dict) -> list[Check]:
     """All substantive. The embedding state of the query token is its letter and position, which the labels
     partly follow, and it is trained too, so "last layer > embeddings" compares with a real competitor and
     can go either way. F1 averaged over layers can fall or stay flat along training. The seed-next-token
-    label has about twice the clusters of next-token, which lowers its F1 by chance, so it beating next-token
+    label has more clusters than next-token, which lowers its F1 by chance, so it beating next-token
     is no artefact. Above chance: the last layer's F1 against the quantile of its permutation null
     (clustering.chance_f1), which random representations reach only by the null's own odds."""
     if "clustering" not in result:
