@@ -125,10 +125,10 @@ def judge_all(records: dict, out) -> list[dict]:
             if stage in done:
                 entry.update(_analysed_claim(folder, stage, figure, analyses))
         elif figure in own:
-            judge, stages = own[figure]
+            judge_own, stages = own[figure]
             entry["stages"] = stages
             try:
-                checks, notes = judge()
+                checks, notes = judge_own()
                 entry.update(verdict=verdict(checks), checks=[c._asdict() for c in checks], notes=notes)
             except KeyError as exc:  # a stage record of another layout
                 entry["notes"].append(f"could not be judged: the stage records lack {exc}")
