@@ -171,6 +171,21 @@ def test_cluster_scores_on_separated_and_on_random_points():
     assert clustering.cluster_scores(gen.normal(size=(5, 3)), np.zeros(5, dtype=int))["f1"] is None
 
 
+def test_chance_f1_is_a_permutation_null_that_random_points_do_not_beat():
+    gen = np.random.default_rng(1)
+    labels = np.repeat(np.arange(5), 30)
+    noise = clustering.cluster_scores(gen.normal(size=(150, 8)), labels, chance=True)
+    null = noise["f1_chance"]
+    assert null["permutations"] == clustering.CHANCE_PERMUTATIONS and 1 / 5 < null["mean"] <= null["quantile"] < 1
+    assert noise["f1"] <= null["quantile"]            # random points: not above chance
+    centres = gen.normal(size=(5, 8)) * 20
+    good = clustering.cluster_scores(centres[labels] + gen.normal(size=(150, 8)), labels, chance=True)
+    assert good["f1"] == 1.0 > good["f1_chance"]["quantile"]
+    assert "f1_chance" not in clustering.cluster_scores(gen.normal(size=(150, 8)), labels)
+    with pytest.raises(ValueError, match="permutations must be >= 1"):
+        clustering.chance_f1(labels, labels, permutations=0)
+
+
 # --- claims ----------------------------------------------------------------------------------------
 
 def test_verdict_rule_and_claim_texts():
@@ -199,12 +214,86 @@ def test_claim_checks_follow_the_numbers():
     assert got["outer_loss"] == got["inner_loss"] == claims.NOT
 
 
+def _clustering_result(f1_last: float, chance_quantile: float) -> dict:
+    """A one-checkpoint clustering result with one split: every label's F1 is 0.2 at the embeddings and
+    ``f1_last`` at the last layer."""
+    labels = ("seed", "next_token", "seed_next_token")
+    scores = {"validation": {label: {"f1": [[0.2, f1_last]]} for label in labels}}
+    null = {"validation": {label: {"mean": [0.2, chance_quantile - 0.05], "quantile": [0.25, chance_quantile]}
+                           for label in labels}}
+    return {"epochs": [5], "layers": 1,
+            "clustering": {"scores": scores, "f1_chance": {"permutations": 100, "quantile": 0.95, "scores": null}}}
+
+
+def test_clustering_above_chance_check_and_the_query_token_named():
+    def above(result):
+        return [c for c in claims.clustering_checks(result) if "chance" in c.what]
+    passing, failing = above(_clustering_result(0.6, 0.4)), above(_clustering_result(0.35, 0.4))
+    assert len(passing) == 3 and all(c.passed and c.substantive for c in passing)
+    assert len(failing) == 3 and not any(c.passed for c in failing)
+    assert "0.350 > chance 0.400" in failing[0].what and "100 label permutations" in failing[0].what
+    checks = claims.clustering_checks(_clustering_result(0.6, 0.4))
+    assert "L1 output of the second-to-last letter, before ln_f" in checks[0].what
+    old = _clustering_result(0.6, 0.4)
+    del old["clustering"]["f1_chance"]                      # an analysis.json written before the null existed
+    assert not above(old)
+    assert "no chance F1" in claims.judge(old, only={"clustering"})[0]["notes"][0]
+
+
+def test_inner_loss_is_judged_from_layer_1_the_embedding_comparison_is_context():
+    # Layers 1..3 rise: the tied-head embedding state (10 nats) is beaten anyway, which must not count.
+    rising_layers = {"epochs": [1, 2], "inner_loss": {"train": [[3.3, 2.0, 2.5, 3.0], [10.0, 1.0, 1.5, 2.0]]}}
+    checks = claims.inner_loss_checks(rising_layers)
+    embeddings = [c for c in checks if "embeddings" in c.what]
+    assert len(embeddings) == 1 and embeddings[0].passed and not embeddings[0].substantive
+    assert claims.verdict(checks) == claims.NOT             # 1 of 3: only "the mean over layers 1..3 falls"
+    assert not any(c.passed for c in checks if c.substantive and "across layers" in c.what)
+    falling = {"epochs": [1, 2], "inner_loss": {"train": [[3.3, 3.3, 3.3, 3.3], [10.0, 2.0, 2.1, 1.0]]}}
+    checks = claims.inner_loss_checks(falling)               # one step up, still a falling trend
+    assert claims.verdict(checks) == claims.REPRODUCED
+    assert "Spearman rho -0.50 <= -0.5" in next(c.what for c in checks if "Spearman" in c.what)
+    assert claims.spearman_with_order([3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert claims.spearman_with_order([1.0, 1.0, 2.0]) == pytest.approx(np.sqrt(3) / 2)  # ties share a rank
+    assert np.isnan(claims.spearman_with_order([1.0, 1.0]))
+
+
+def _norm_rows(seq: list[float], pair: list[float], last_step: list[float]) -> list[dict]:
+    return [{"with_last_layer": {"sequence_percent": s, "pair_percent": p, "pair_percent_by_step": [99.0, l],
+                                 "null_sequence_percent": 100 / 64}} for s, p, l in zip(seq, pair, last_step)]
+
+
+def test_figure_6_nulls_are_context_and_cannot_lift_a_failed_trend():
+    # Far above both nulls from the start, and falling with training: the nulls pass, the claim does not.
+    falling = {"epochs": [0, 1, 2], "norms": _norm_rows([80.0, 60.0, 40.0], [95.0, 90.0, 85.0], [90.0, 80.0, 70.0])}
+    checks = claims.norm_checks(falling)
+    context = [c for c in checks if not c.substantive]
+    assert len(context) == 3 and all(c.passed for c in context)
+    assert any("10 x the null" in c.what for c in context) and any("the null 50%" in c.what for c in context)
+    assert claims.verdict(checks) == claims.NOT
+    rising = {"epochs": [0, 1, 2], "norms": _norm_rows([20.0, 60.0, 90.0], [80.0, 90.0, 99.0], [60.0, 80.0, 95.0])}
+    assert claims.verdict(claims.norm_checks(rising)) == claims.REPRODUCED
+
+
+def test_tally_counts_substantive_checks_only():
+    checks = [{"what": "a", "passed": True, "substantive": True}, {"what": "b", "passed": False, "substantive": True},
+              {"what": "c", "passed": True, "substantive": False}, {"what": "old record", "passed": True}]
+    assert claims.tally(checks) == "2 of 3 substantive checks passed"
+
+
 def test_analysis_judges_every_claim(analysis):
     assert [c["figure"] for c in analysis["claims"]] == ["Fig 1/9", "Fig 2a/11a", "Fig 2b/11b", "Fig 3/10", "Fig 6"]
     for c in analysis["claims"]:
         assert c["verdict"] in (claims.REPRODUCED, claims.PARTLY, claims.NOT) and c["checks"]
     norms = analysis["norms"][-1]["with_last_layer"]
     assert norms["pairs"] == 6 and norms["null_sequence_percent"] == pytest.approx(100 / 64)
+    chance = analysis["clustering"]["f1_chance"]
+    assert chance["epoch"] == analysis["epochs"][-1] and chance["permutations"] == clustering.CHANCE_PERMUTATIONS
+    for split, by_label in chance["scores"].items():
+        for label, null in by_label.items():
+            assert len(null["quantile"]) == analysis["layers"] + 1
+            assert 0 < null["mean"][-1] <= null["quantile"][-1] < 1, (split, label)
+    fig1 = analysis["claims"][0]["checks"]
+    assert sum("> chance" in c["what"] for c in fig1) == 6  # 2 splits x 3 labels
 
 
 # --- the command line ------------------------------------------------------------------------------
@@ -222,7 +311,9 @@ def test_cli_writes_json_figures_and_summary(tiny_run, tmp_path, capsys):
     for figure in ("Fig 1/9", "Fig 2a/11a", "Fig 2b/11b", "Fig 3/10", "Fig 6"):
         assert f"**{figure}: " in summary
     assert "second-to-last letter" in summary and "ln_f" in summary
-    assert "Fig 3/10" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Fig 3/10" in printed and "substantive checks passed)" in printed
+    assert "substantive checks passed).** " in summary and "- context, not counted (" in summary
 
 
 def test_torchrun_splits_the_history_and_writes_what_one_process_writes(tiny_run, analysis, tmp_path):

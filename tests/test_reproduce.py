@@ -111,11 +111,21 @@ def test_report_judges_every_claim_of_the_paper(tiny):
     assert [c["claim"] for c in claims] == paper_numbers()["qualitative_claims"]
     for c in claims:
         assert c["verdict"] in VERDICTS
-        assert f"| {c['claim'].replace('|', '/')} | **{c['verdict']}** |" in text
+        counted = [ch for ch in c["checks"] if ch.get("substantive", True)]
+        tally = f"{sum(ch['passed'] for ch in counted)} of {len(counted)} substantive checks passed"
+        assert f"| {c['claim'].replace('|', '/')} | **{c['verdict']}** ({tally}) |" in text
         if c["verdict"] != "not tested":
-            assert c["checks"], c["figure"]
+            assert counted, c["figure"]
     by_figure = {c["figure"]: c for c in claims}
     assert by_figure["Fig 6"]["verdict"] != "not tested"        # two checkpoints of the Table 6 run suffice
+    # Figure 6's nulls are context: listed apart, in the section's claim lines and in the claims table.
+    context = [ch for ch in by_figure["Fig 6"]["checks"] if not ch["substantive"]]
+    assert len(context) == 3 and any("10 x the null" in ch["what"] for ch in context)
+    section = text[text.index("## Figure 6:"):text.index("## Eq. 1")]
+    assert "substantive checks passed).**" in section and "- context, not counted (pass): sequence level late" in section
+    assert "<br>context, not counted (pass): sequence level late" in text[text.index("## Claims"):]
+    fig1 = [ch["what"] for ch in by_figure["Fig 1/9"]["checks"]]
+    assert any("second-to-last letter, before ln_f" in w for w in fig1) and any("> chance" in w for w in fig1)
     # Appendix B is checked on the synthetic model and on the GPT-2-design probe model (2 samples x 3 layers).
     assert any("of 6 (sample, layer) pairs" in ch["what"] for ch in by_figure["Appendix B"]["checks"])
 
@@ -135,6 +145,33 @@ def test_rerun_skips_every_stage(tiny, capsys):
     assert checkpoints and {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
     assert _mtimes(out) == records
     assert "done (earlier run)" in (out / "REPORT.md").read_text()
+
+
+def test_a_rebuilt_report_judges_the_synthetic_claims_on_analysis_json(tiny, tmp_path):
+    """The claims frozen into a stage's headline are not used: the report judges analysis.json when written."""
+    out = _copy(tiny[0], tmp_path)
+    record_path = out / "stages/analyze_table6/stage.json"
+    record = json.loads(record_path.read_text())
+    record["headline"]["claims"] = []                        # a stale headline must not matter
+    record_path.write_text(json.dumps(record))
+    path = out / "stages/analyze_table6/analysis.json"
+    analysis = json.loads(path.read_text())
+    for i, row in enumerate(analysis["norms"]):             # levels that fall at the end of training: Fig 6 fails
+        last = i == len(analysis["norms"]) - 1
+        w = row["with_last_layer"]
+        w["sequence_percent"], w["pair_percent"] = (10.0 if last else 90.0), 99.0
+        w["pair_percent_by_step"][-1] = 59.0 if last else 99.0
+    path.write_text(json.dumps(analysis))
+    assert reproduce(out, "quick", settings=tiny[1], progress=False)["failed"] == []
+    claims = {c["figure"]: c for c in json.loads((out / "report.json").read_text())["claims"]}
+    assert claims["Fig 6"]["verdict"] == "not reproduced"
+    assert "sequence level rises from epoch 0 (90.0% -> 10.0% late)" in [ch["what"] for ch in claims["Fig 6"]["checks"]]
+    path.unlink()
+    reproduce(out, "quick", settings=tiny[1], progress=False)
+    claims = {c["figure"]: c for c in json.loads((out / "report.json").read_text())["claims"]}
+    assert claims["Fig 6"]["verdict"] == "not tested" and not claims["Fig 6"]["checks"]
+    assert claims["Fig 6"]["notes"][0].startswith("could not be judged: ") and "analysis.json" in claims["Fig 6"]["notes"][0]
+    assert claims["Fig 2a/11a"]["verdict"] != "not tested"   # judged on the Table 5 run's analysis.json
 
 
 def test_a_changed_setting_reruns_that_stage_and_its_dependants_only(tiny, tmp_path, capsys):

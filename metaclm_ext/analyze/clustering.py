@@ -5,13 +5,17 @@ k is the number of distinct labels of the ground truth among the points. Scores:
         (maximising the points in matched pairs); F1 is the macro average over labels of the F1 of each
         label against its matched cluster (a label left without a cluster scores 0);
   ARI — adjusted Rand index; AMI — adjusted mutual information (scikit-learn).
-All three are 1 for a perfect clustering and about 0 (F1: about 1/k) for a random one.
+ARI and AMI are 1 for a perfect clustering and about 0 for a random one. F1 is 1 for a perfect clustering
+but well above 1/k for a random one (the matching picks the best pairs), so its chance level is measured:
+the same clusters scored against randomly permuted labels (see chance_f1).
 """
 from __future__ import annotations
 
 import numpy as np
 
 METRICS = ("f1", "ari", "ami")
+CHANCE_PERMUTATIONS = 100
+CHANCE_QUANTILE = 0.95  # "above chance" = above this quantile of the permutation null (a one-sided 5% test)
 
 
 def matched_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -31,8 +35,24 @@ def matched_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
     return float(f1.sum() / table.shape[0])
 
 
-def cluster_scores(points: np.ndarray, labels: np.ndarray, *, n_init: int = 4, seed: int = 0) -> dict:
-    """KMeans with k = number of distinct labels; F1, ARI, AMI against ``labels`` (None when k < 2)."""
+def chance_f1(labels: np.ndarray, clusters: np.ndarray, *, permutations: int = CHANCE_PERMUTATIONS,
+              seed: int = 0) -> dict:
+    """The F1 a clustering with these cluster sizes gets by chance: ``clusters`` scored by matched_f1 against
+    ``permutations`` random permutations of ``labels`` (label counts kept). {"mean", "quantile": the
+    CHANCE_QUANTILE quantile, "permutations"}."""
+    if permutations < 1:
+        raise ValueError(f"permutations must be >= 1, got {permutations}")
+    labels = np.asarray(labels)
+    gen = np.random.default_rng(seed)
+    null = np.array([matched_f1(gen.permutation(labels), clusters) for _ in range(permutations)])
+    return {"mean": float(null.mean()), "quantile": float(np.quantile(null, CHANCE_QUANTILE)),
+            "permutations": permutations}
+
+
+def cluster_scores(points: np.ndarray, labels: np.ndarray, *, n_init: int = 4, seed: int = 0,
+                   chance: bool = False) -> dict:
+    """KMeans with k = number of distinct labels; F1, ARI, AMI against ``labels`` (None when k < 2), and with
+    ``chance`` the F1 of the same clusters against permuted labels under "f1_chance" (see chance_f1)."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 
@@ -41,5 +61,8 @@ def cluster_scores(points: np.ndarray, labels: np.ndarray, *, n_init: int = 4, s
     if k < 2 or k >= len(labels):
         return {"k": k, "f1": None, "ari": None, "ami": None}
     clusters = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(points)
-    return {"k": k, "f1": matched_f1(labels, clusters), "ari": float(adjusted_rand_score(labels, clusters)),
-            "ami": float(adjusted_mutual_info_score(labels, clusters))}
+    scores = {"k": k, "f1": matched_f1(labels, clusters), "ari": float(adjusted_rand_score(labels, clusters)),
+              "ami": float(adjusted_mutual_info_score(labels, clusters))}
+    if chance:
+        scores["f1_chance"] = chance_f1(labels, clusters, seed=seed)
+    return scores

@@ -9,6 +9,7 @@ import numpy as np
 from ..history_names import field_name
 from ..markdown import table
 from .attention import LABELS, MODULES
+from .claims import tally
 from .clustering import METRICS
 
 LABEL_NAMES = {"seed": "seed", "next_token": "next token", "seed_next_token": "seed-next-token"}
@@ -168,6 +169,29 @@ def figures(result: dict, out: Path) -> dict:
     return files
 
 
+VERDICT_RULE = (
+    "A verdict counts a claim's *substantive* checks only, those that can fail when the paper's claim is false: "
+    "*reproduced* when all pass, *partly reproduced* when at least half pass, *not reproduced* otherwise, *not "
+    "tested* when there is none. *Context* checks (comparisons that any model passes, such as a null far below an "
+    "untrained model) are listed under each claim, marked \"context, not counted\", and never change a verdict."
+)
+
+
+def verdict_text(claim: dict) -> str:
+    """"partly reproduced (3 of 4 substantive checks passed)"."""
+    return f"{claim['verdict']} ({tally(claim['checks'])})"
+
+
+def evidence_lines(claim: dict) -> list[str]:
+    """The claim's substantive checks, then its context checks, then its notes, one line each."""
+    checks = claim["checks"]
+    counted = [c for c in checks if c.get("substantive", True)]
+    context = [c for c in checks if not c.get("substantive", True)]
+    return ([f"{'pass' if c['passed'] else 'FAIL'}: {c['what']}" for c in counted]
+            + [f"context, not counted ({'pass' if c['passed'] else 'fail'}): {c['what']}" for c in context]
+            + [f"note: {n}" for n in claim.get("notes", [])])
+
+
 def _cells(values, fmt="{:.3f}") -> list[str]:
     return ["—" if v is None else fmt.format(v) for v in values]
 
@@ -187,13 +211,12 @@ def markdown(result: dict, files: dict) -> str:
         "",
         "## The paper's claims on this run",
         "",
-        "A claim is *reproduced* when all of its checks pass, *partly reproduced* when at least half pass. "
-        "Early/late = mean over the first/last tenth of the analysed checkpoints.",
+        f"{VERDICT_RULE} Early/late = mean over the first/last tenth of the analysed checkpoints.",
         "",
     ]
     for c in result["claims"]:
-        lines += [f"- **{c['figure']}: {c['verdict']}.** {c['claim']}"]
-        lines += [f"  - {'pass' if ch['passed'] else 'FAIL'}: {ch['what']}" for ch in c["checks"]]
+        lines += [f"- **{c['figure']}: {verdict_text(c)}.** {c['claim']}"]
+        lines += [f"  - {line}" for line in evidence_lines(c)]
     lines += ["", "## Choices", ""] + [f"- **{k.replace('_', ' ')}.** {' '.join(v.split())}"
                                        for k, v in result["choices"].items()]
     att = result.get("attention")
@@ -214,12 +237,20 @@ def markdown(result: dict, files: dict) -> str:
                       *table(["label", "module", "side", *(f"L{l + 1}" for l in range(layers)), "chance"], rows)]
             lines += [""] + [f"![{LABEL_NAMES[l]}]({files['attention_' + l]})" for l in LABELS]
     if "clustering" in result:
-        rows = [[split, LABEL_NAMES[label], metric.upper(), *_cells(metrics[metric][-1])]
-                for split, by_label in result["clustering"]["scores"].items()
-                for label, metrics in by_label.items() for metric in METRICS]
-        lines += ["", "## Clustering (Figures 1 and 9)", "", "F1 / ARI / AMI at the last checkpoint per state "
-                  "(emb = embedding output, Ll = block l's output).", "",
-                  *table(["split", "label", "metric", *(_state_name(s) for s in states)], rows)]
+        chance = result["clustering"].get("f1_chance")
+        rows = []
+        for split, by_label in result["clustering"]["scores"].items():
+            for label, metrics in by_label.items():
+                rows += [[split, LABEL_NAMES[label], metric.upper(), *_cells(metrics[metric][-1])] for metric in METRICS]
+                if chance is not None:
+                    rows.append([split, LABEL_NAMES[label], f"F1 chance ({chance['quantile']:.0%} quantile)",
+                                 *_cells(chance["scores"][split][label]["quantile"])])
+        null = "" if chance is None else (
+            f" F1 chance: the same clusters scored against {chance['permutations']} permutations of the labels, the "
+            f"{chance['quantile']:.0%} quantile (a random clustering's F1 is well above 1/k after the matching).")
+        lines += ["", "## Clustering (Figures 1 and 9)", "", "F1 / ARI / AMI at the last checkpoint per state of the "
+                  "query token (the second-to-last letter; emb = embedding output, Ll = block l's output before "
+                  f"ln_f).{null}", "", *table(["split", "label", "metric", *(_state_name(s) for s in states)], rows)]
         lines += ["", f"![F1]({files['clustering_f1']})", "", f"![all]({files['clustering_all']})"]
     if "inner_loss" in result:
         shown = sorted({0, len(epochs) // 2, len(epochs) - 1})

@@ -97,6 +97,7 @@ def analyze_run(run_dir, cfg: AnalyzeConfig = AnalyzeConfig(), progress: bool = 
     norm_rows: list[dict] = []
     cluster = {s: {name: {m: [] for m in clustering.METRICS} for name in attention.LABELS} for s in SPLITS}
     cluster_k: dict[str, int] = {}
+    chance = {s: {} for s in SPLITS}  # the last checkpoint's chance F1, per split, label and state
     queries: dict[str, list] = {}
     query_epochs: list[int] = []
     for epoch in tqdm(epochs, desc="checkpoints", unit="ckpt", disable=not progress):
@@ -110,11 +111,15 @@ def analyze_run(run_dir, cfg: AnalyzeConfig = AnalyzeConfig(), progress: bool = 
             norm_rows.append(_norm_summary(stats["validation"].norms))
         if "clustering" in cfg.parts:
             t = time.perf_counter()
+            last = epoch == epochs[-1]
             for s in SPLITS:
-                for name, per_state in _cluster_states(stats[s], vocab, cfg).items():
+                for name, per_state in _cluster_states(stats[s], vocab, cfg, chance=last).items():
                     cluster_k[f"{s}/{name}"] = per_state[0]["k"]
                     for m in clustering.METRICS:
                         cluster[s][name][m].append([r[m] for r in per_state])
+                    if last:
+                        chance[s][name] = {q: [r["f1_chance"][q] if "f1_chance" in r else None for r in per_state]
+                                           for q in ("mean", "quantile")}
             seconds["clustering"] += time.perf_counter() - t
         if store is not None and epoch > 0:  # epoch 0 (the initialisation) has no history yet
             query_epochs.append(epoch)
@@ -137,7 +142,9 @@ def analyze_run(run_dir, cfg: AnalyzeConfig = AnalyzeConfig(), progress: bool = 
     if "norms" in cfg.parts:
         result["norms"] = norm_rows
     if "clustering" in cfg.parts:
-        result["clustering"] = {"scores": cluster, "k": cluster_k}
+        result["clustering"] = {"scores": cluster, "k": cluster_k,
+                                "f1_chance": {"epoch": epochs[-1], "permutations": clustering.CHANCE_PERMUTATIONS,
+                                              "quantile": clustering.CHANCE_QUANTILE, "scores": chance}}
     if "attention" in cfg.parts:
         t = time.perf_counter()
         result["attention"] = _attention(run, store, queries, query_epochs, val_labels, cfg, device, progress)
@@ -147,10 +154,12 @@ def analyze_run(run_dir, cfg: AnalyzeConfig = AnalyzeConfig(), progress: bool = 
     return result
 
 
-def _cluster_states(stats, vocab: int, cfg: AnalyzeConfig) -> dict[str, list[dict]]:
-    """{label: [scores of state 0..L]}: one KMeans per ground truth and state of the query token."""
+def _cluster_states(stats, vocab: int, cfg: AnalyzeConfig, chance: bool) -> dict[str, list[dict]]:
+    """{label: [scores of state 0..L]}: one KMeans per ground truth and state of the query token (with
+    ``chance``, the chance F1 of each clustering too)."""
     points = stats.query_states.numpy()
-    return {name: [clustering.cluster_scores(points[:, state], y, n_init=cfg.kmeans_init, seed=cfg.seed)
+    return {name: [clustering.cluster_scores(points[:, state], y, n_init=cfg.kmeans_init, seed=cfg.seed,
+                                             chance=chance)
                    for state in range(points.shape[1])]
             for name, y in attention.query_labels(stats.seed, stats.next_token, vocab).items()}
 

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from . import out_folder
+from ..analyze.claims import tally
 from ..analyze.report import write_outputs
 from ..analyze.run import PARTS, AnalyzeConfig, analyze_run
 from ..distributed.launch import local_device, run_on_ranks
@@ -52,7 +53,6 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or args.run / "analysis"
     files = write_outputs(result, out)
     for c in result["claims"]:
-        passed = sum(ch["passed"] for ch in c["checks"])
-        print(f"{c['figure']:<11} {c['verdict']:<18} ({passed}/{len(c['checks'])} checks)")
+        print(f"{c['figure']:<11} {c['verdict']:<18} ({tally(c['checks'])})")
     print(f"wrote {', '.join(sorted(files.values()))} to {out} in {result['seconds']['total']:.1f} s")
     return 0

@@ -1,19 +1,26 @@
-"""Every qualitative claim of paper-numbers.json, judged on the stages' headline numbers.
+"""Every qualitative claim of paper-numbers.json, judged when the report is written.
 
 The synthetic-run claims (Figures 1/9, 2/11, 3/10 on the Table 5 run, Figure 6 on the Table 6 run) are
-judged by metaclm_ext.analyze.claims; the claims about pretrained LMs (Figures 4/7, Table 1 with Figures
-5/8) and Appendix B are judged here with the same Check / verdict rules: every check passed = reproduced,
-at least half = partly reproduced, fewer = not reproduced, none possible = not tested.
+judged by metaclm_ext.analyze.claims on the analyze stage's analysis.json, read at report time, so a
+rebuilt report applies the current rule without rerunning a stage. The claims about pretrained LMs
+(Figures 4/7, Table 1 with Figures 5/8) and Appendix B are judged here on the stages' headline numbers with
+the same Check / verdict rules: over the substantive checks, every one passed = reproduced, at least half
+= partly reproduced, fewer = not reproduced, none possible = not tested; context checks are never counted.
 """
 from __future__ import annotations
 
-from ..analyze.claims import SEQUENCE_MARGIN, UNTESTED, Check, verdict
+import json
+from pathlib import Path
+
+from ..analyze.claims import CLAIMS, SEQUENCE_MARGIN, UNTESTED, Check, judge, verdict
 from ..paper import paper_numbers
 from ..probe.corpora import PAPER_CORPUS_NAMES
 from .stages import PROBE_COLUMNS
 
 ANALYZED = {"Fig 1/9": "analyze_table5", "Fig 2a/11a": "analyze_table5", "Fig 2b/11b": "analyze_table5",
             "Fig 3/10": "analyze_table5", "Fig 6": "analyze_table6"}
+CLAIM_IDS = {figure: cid for cid, figure, _ in CLAIMS}
+ANALYSIS_FILE = "analysis.json"
 
 
 def model_name(head: dict) -> str:
@@ -77,8 +84,30 @@ def appendix_b_checks(synthetic: dict | None, probes: dict) -> tuple[list[Check]
     return checks, notes
 
 
-def judge_all(records: dict) -> list[dict]:
-    """[{figure, claim, verdict, checks, notes, stages}] for every claim in paper-numbers.json, in its order."""
+def _analysed_claim(out: Path, stage: str, figure: str, analyses: dict) -> dict:
+    """{verdict, checks, notes} of ``figure`` judged now on OUT/stages/<stage>/analysis.json (read once per
+    stage into ``analyses``); "could not be judged" in notes when the file is missing or unreadable."""
+    if stage not in analyses:
+        path = out / "stages" / stage / ANALYSIS_FILE
+        try:
+            analyses[stage] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            analyses[stage] = f"could not be judged: {path} cannot be read ({type(exc).__name__})"
+    analysis = analyses[stage]
+    if isinstance(analysis, str):
+        return {"notes": [analysis]}
+    try:
+        judged = judge(analysis, only={CLAIM_IDS[figure]})[0]
+    except (KeyError, IndexError, TypeError) as exc:  # an analysis.json of another layout
+        return {"notes": [f"could not be judged: {stage}/{ANALYSIS_FILE} lacks {exc}"]}
+    return {k: judged[k] for k in ("verdict", "checks", "notes")}
+
+
+def judge_all(records: dict, out) -> list[dict]:
+    """[{figure, claim, verdict, checks, notes, stages}] for every claim in paper-numbers.json, in its order;
+    ``out`` is the reproduce folder whose stages/<analyze stage>/analysis.json the synthetic claims are judged on."""
+    folder = Path(out)
+    analyses: dict = {}
     done = {n: r["headline"] for n, r in records.items() if r["status"] == "done"}
     probes = {n: done[n] for n in PROBE_COLUMNS if n in done}
     own = {
@@ -93,14 +122,13 @@ def judge_all(records: dict) -> list[dict]:
         if figure in ANALYZED:
             stage = ANALYZED[figure]
             entry["stages"] = [stage]
-            judged = [c for c in done.get(stage, {}).get("claims", []) if c["figure"] == figure]
-            if judged:
-                entry.update(verdict=judged[0]["verdict"], checks=judged[0]["checks"])
+            if stage in done:
+                entry.update(_analysed_claim(folder, stage, figure, analyses))
         elif figure in own:
-            judge, stages = own[figure]
+            judge_own, stages = own[figure]
             entry["stages"] = stages
             try:
-                checks, notes = judge()
+                checks, notes = judge_own()
                 entry.update(verdict=verdict(checks), checks=[c._asdict() for c in checks], notes=notes)
             except KeyError as exc:  # a stage record of another layout
                 entry["notes"].append(f"could not be judged: the stage records lack {exc}")
