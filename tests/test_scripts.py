@@ -58,3 +58,26 @@ def test_bench_distributed_on_two_ranks(tmp_path):
     assert all(t > 0 for op in result["ops"].values() for t in op["wall"] + op["cpu"])
     assert result["merge"]["history_topk"]["state_bytes_per_rank"] == 2 * 64 * 8 * 10 * 12
     assert "2 rank(s) history_label_mass" in proc.stdout
+
+
+def test_export_results_keeps_the_report_and_leaves_out_runs(tmp_path, capsys):
+    """scripts/export_results.py: REPORT.md, report.json, stage records and figures; no run folders, no big files."""
+    out = tmp_path / "out"
+    (out / "stages" / "train_table5" / "run" / "history").mkdir(parents=True)
+    (out / "stages" / "train_table5" / "run" / "history" / "shard.bin").write_bytes(b"\0" * 64)
+    (out / "stages" / "train_table5" / "run" / "losses.json").write_text("{}")
+    (out / "stages" / "probe_news").mkdir(parents=True)
+    for name, text in [("REPORT.md", "# report"), ("report.json", "{}"), ("stages/train_table5/stage.json", "{}"),
+                       ("stages/probe_news/stage.json", "{}"), ("stages/probe_news/inner_loss.png", "png")]:
+        (out / name).write_text(text)
+    (out / "stages" / "probe_news" / "big.json").write_text("x" * 3 * 2**20)
+    script = runpy.run_path(str(SCRIPTS / "export_results.py"))
+    kept, left = script["export"](out, tmp_path / "dest", 2**20)
+    assert sorted(map(str, kept)) == ["REPORT.md", "report.json", "stages/probe_news/inner_loss.png",
+                                      "stages/probe_news/stage.json", "stages/train_table5/stage.json"]
+    assert left == ["stages/probe_news/big.json (3.0 MB)"]
+    assert (tmp_path / "dest" / "stages" / "probe_news" / "inner_loss.png").read_text() == "png"
+    with pytest.raises(ValueError, match="not empty"):
+        script["export"](out, tmp_path / "dest", 2**20)
+    with pytest.raises(ValueError, match="no REPORT.md"):
+        script["export"](tmp_path / "dest" / "stages", tmp_path / "other", 2**20)

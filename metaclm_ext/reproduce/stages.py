@@ -139,7 +139,7 @@ def _analyzer(train_stage: str) -> Callable:
 def _analysis_headline(result: dict, files: dict) -> dict:
     """The numbers of an analysis the report shows: first and last analysed checkpoint, claims, figures."""
     head = {"epochs": result["epochs"], "layers": result["layers"], "counts": result["counts"],
-            "seconds": result["seconds"], "claims": result["claims"], "files": files,
+            "seconds": result["seconds"], "files": files,
             "outer_loss": {k: v[-1] for k, v in result["outer_loss"].items() if v}}
     if "inner_loss" in result:
         head["inner_loss"] = {s: {"first": rows[0], "last": rows[-1]} for s, rows in result["inner_loss"].items()}
