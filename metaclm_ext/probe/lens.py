@@ -1,14 +1,16 @@
 """The inner loss of Section 5/6 (eq. 9): each layer's current-token representation through the LM head.
 
-We hook each decoder layer's raw output (before the final norm) and apply the model's own final norm and
-LM head, the "logit lens". For the last layer this reproduces the model's logits exactly; transformers'
-``hidden_states[-1]`` is already normed, so it is not used (it would be normed twice).
+We hook each decoder layer's raw output (before the final norm) and score it two ways: through the model's
+own final norm and LM head (the "logit lens"; for the last layer exactly the model's logits), and through
+the LM head alone, as Eq. 9 writes it (LH(z), no norm). transformers' ``hidden_states[-1]`` is already
+normed, so it is not used (the lens would norm it twice).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from scipy.stats import spearmanr
 import torch.nn.functional as F
 
 from .models import LensModel
@@ -30,6 +32,10 @@ class Batch:
         t = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
         return (t[None] >= self.first[:, None]) & (t[None] < self.lengths[:, None] - 1)
 
+    def last_studied(self) -> torch.Tensor:
+        """[B] position of each sample's last studied token (its next token is the sample's last one)."""
+        return self.lengths - 2
+
 
 def make_batch(tokenizer, texts: list[str], max_tokens: int, device) -> Batch:
     """Tokenise, truncate to max_tokens and right-pad by hand (GPT-2's tokenizer has no pad token)."""
@@ -48,10 +54,12 @@ def make_batch(tokenizer, texts: list[str], max_tokens: int, device) -> Batch:
 
 
 @torch.no_grad()
-def token_stats(lm: LensModel, states: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_stats(lm: LensModel, states: torch.Tensor, batch: Batch,
+                final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per studied token: inner loss [S, K] and norm [S, K] at every state, and its sample index [K].
 
-    states [S, B, T, d] as returned by LensModel.states; token (b, t) is scored against input_ids[b, t+1].
+    states [S, B, T, d] as returned by LensModel.states; token (b, t) is scored against input_ids[b, t+1],
+    through the final norm and LM head (final_norm=True, the logit lens) or the LM head alone (Eq. 9).
     """
     select = batch.studied()
     targets = batch.input_ids[:, 1:]
@@ -61,6 +69,15 @@ def token_stats(lm: LensModel, states: torch.Tensor, batch: Batch) -> tuple[torc
     losses = torch.empty(picked.shape[:2], device=picked.device)
     for s in range(picked.shape[0]):
         for lo in range(0, picked.shape[1], LOGIT_ROWS):
-            logits = lm.logits(picked[s, lo : lo + LOGIT_ROWS]).float()
+            logits = lm.logits(picked[s, lo : lo + LOGIT_ROWS], final_norm).float()
             losses[s, lo : lo + LOGIT_ROWS] = F.cross_entropy(logits, targets[lo : lo + LOGIT_ROWS], reduction="none")
     return losses, picked.norm(dim=-1), sample
+
+
+def layer_trend(mean: list[float]) -> float:
+    """Spearman's rank correlation of a per-state loss curve with the layer number over layers 1..L (the
+    embeddings, state 0, left out): -1 = falling at every step, 0 = no monotone trend. NaN for < 3 layers."""
+    layers = mean[1:]
+    if len(layers) < 3:
+        return float("nan")
+    return float(spearmanr(range(len(layers)), layers).statistic)

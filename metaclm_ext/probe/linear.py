@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import VOCAB
+from .models import wrap
+
 
 @dataclass
 class LayerWeights:
@@ -72,21 +75,59 @@ def proposition1(weight: torch.Tensor, x: torch.Tensor) -> dict:
             "max_eigenvalue": float(lam[-1]), "norm_ratio": float((weight @ x).norm() / x.norm())}
 
 
-def layer_conditions(weights: list[LayerWeights], inputs: torch.Tensor) -> list[dict]:
+def layer_conditions(weights: list[LayerWeights], inputs: torch.Tensor, outputs: torch.Tensor | None = None) -> list[dict]:
     """Proposition 1 at every layer for one sample. inputs [L, n, d]: each layer's input at positions 1..n;
-    the current token is position n."""
+    the current token is position n. outputs [L, d], when given: each real block's raw output for the current
+    token, whose norm ratio (``block_norm_ratio``) is reported beside the linearised one."""
     out = []
     for l, w in enumerate(weights):
         w_lin = linearized_layer(w, inputs[l])
-        out.append({"layer": l + 1, **proposition1(w_lin, inputs[l, -1])})
+        row = {"layer": l + 1, **proposition1(w_lin, inputs[l, -1])}
+        if outputs is not None:
+            row["block_norm_ratio"] = float(outputs[l].double().norm() / inputs[l, -1].double().norm())
+        out.append(row)
+    return out
+
+
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+def quantiles(values: list[float]) -> dict:
+    """{"q0": min, "q5": ..., "q50": median, ..., "q100": max} of a non-empty list."""
+    q = torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor(QUANTILES, dtype=torch.float64))
+    return {f"q{round(100 * p)}": float(v) for p, v in zip(QUANTILES, q)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Appendix B over [{"layers": layer_conditions(...)}] rows: the share of (sample, layer) pairs meeting
+    Proposition 1, overall and per layer, and the distributions of ||W_linear x|| / ||x|| and of the real
+    blocks' norm ratios (the quantity Proposition 1 is about: a share alone hides how far from 1 they are)."""
+    pairs = [layer for r in rows for layer in r["layers"]]
+    if not pairs:
+        return {"samples": len(rows), "pairs": 0}
+    layers = len(rows[0]["layers"])
+
+    def percent(flags) -> float:
+        flags = list(flags)
+        return 100.0 * sum(flags) / len(flags)
+
+    out = {"samples": len(rows), "pairs": len(pairs),
+           "satisfied_percent": percent(p["satisfied"] for p in pairs),
+           "per_layer_satisfied_percent": [percent(r["layers"][l]["satisfied"] for r in rows) for l in range(layers)],
+           "min_eigenvalue_ge_1_percent": percent(p["min_eigenvalue"] >= 1 for p in pairs),
+           "norm_ratio_ge_1_percent": percent(p["norm_ratio"] >= 1 for p in pairs),
+           "norm_ratio_quantiles": quantiles([p["norm_ratio"] for p in pairs])}
+    if all("block_norm_ratio" in p for p in pairs):
+        out["block_norm_ratio_ge_1_percent"] = percent(p["block_norm_ratio"] >= 1 for p in pairs)
+        out["block_norm_ratio_quantiles"] = quantiles([p["block_norm_ratio"] for p in pairs])
     return out
 
 
 def synthetic_run(run_dir, epoch: int | None = None, max_samples: int = 200) -> dict:
-    """Appendix B on a `metaclm train` run: Proposition 1 per layer for the last token of each of the first
-    ``max_samples`` validation sequences (the synthetic model is GPT-2 design, so W_linear exists).
+    """Appendix B on a `metaclm train` run: Proposition 1 per layer for the last token (``<eos>``) of each of
+    the first ``max_samples`` validation sequences (the synthetic model is GPT-2 design, so W_linear exists).
 
-    Returns the summary (satisfied % overall and per layer, ||W x|| >= ||x|| %) with ``per_sample`` rows.
+    Returns the summary (see ``summarise``; the model and current token named) with ``per_sample`` rows.
     """
     from ..training import load_checkpoint, load_run, make_batch
 
@@ -94,22 +135,19 @@ def synthetic_run(run_dir, epoch: int | None = None, max_samples: int = 200) -> 
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
     run = load_run(run_dir)
     model = load_checkpoint(run_dir, epoch)
-    weights = [gpt2_weights(block, model.config.n_head) for block in model.transformer.h]
+    lm = wrap(model, None, "synthetic Table 5 model")
+    weights = [gpt2_weights(block, model.config.n_head) for block in lm.layers]
     n_layer = model.config.n_layer
-    rows = []
-    with torch.no_grad():
-        for row in run.data["validation"][:max_samples]:
-            b = make_batch([row])
-            hidden = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True).hidden_states
-            inputs = torch.stack(hidden[:n_layer])[:, 0]  # [L, n, d]: the raw input of each block
-            rows.append({"sequence": row["id"], "layers": layer_conditions(weights, inputs)})
-    pairs = [layer for r in rows for layer in r["layers"]]
+    rows, current = [], set()
+    for row in run.data["validation"][:max_samples]:
+        b = make_batch([row])
+        current.add(VOCAB[int(b.input_ids[0, -1])])
+        states = lm.states(b.input_ids, b.attention_mask)[:, 0]          # [L+1, n, d], raw (no ln_f)
+        rows.append({"sequence": row["id"], "layers": layer_conditions(weights, states[:n_layer], states[1:, -1])})
+    epoch = epoch if epoch is not None else run.epochs[-1]
     return {
-        "run": str(run_dir), "epoch": epoch if epoch is not None else run.epochs[-1],
-        "samples": len(rows), "pairs": len(pairs),
-        "satisfied_percent": 100.0 * sum(p["satisfied"] for p in pairs) / len(pairs),
-        "per_layer_satisfied_percent": [
-            100.0 * sum(r["layers"][l]["satisfied"] for r in rows) / len(rows) for l in range(n_layer)],
-        "norm_ratio_ge_1_percent": 100.0 * sum(p["norm_ratio"] >= 1 for p in pairs) / len(pairs),
-        "per_sample": rows,
+        "run": str(run_dir), "epoch": epoch,
+        "model": f"synthetic Table 5 model (GPT-2 design, {n_layer} layers; stand-in for GPT-2), epoch {epoch}",
+        "current_token": f"the last token of each validation sequence ({', '.join(sorted(current))})",
+        **summarise(rows), "per_sample": rows,
     }

