@@ -3,8 +3,8 @@
 trajectories of the current token with their norms (5/8), on the Wikitext-103 and 1BW stand-ins (Figure 6,
 on the synthetic Table 6 run, has its own script: figure_6.py).
 
-Runs the `probe_wikipedia` and `probe_news` stages of `metaclm reproduce` into --out and writes
-OUT/REPORT.md; a rerun skips finished stages (docs/reproduce.md).
+Runs the probe stages of `metaclm reproduce` (`probe_wikipedia`, `probe_news` with SmolLM2-135M-Instruct,
+`probe_wikipedia_gemma3`, `probe_news_gemma3` with Gemma-3-270M) into --out and writes OUT/REPORT.md; a rerun skips finished stages (docs/reproduce.md).
 
     python scripts/figures_4_8.py [--quick | --paper] [--out DIR]
 """
@@ -12,7 +12,7 @@ import sys
 
 from metaclm_ext.commands.reproduce import script_main
 
-STAGES = ["probe_wikipedia", "probe_news"]
+STAGES = ["probe_wikipedia", "probe_news", "probe_wikipedia_gemma3", "probe_news_gemma3"]
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,8 @@
 """Tables 1-3 of the paper: non-decreasing norms of a pretrained LM (Table 1), data sizes (Table 2) and the samples
 kept after the loss filter (Table 3), beside the paper's numbers.
 
-Runs the `data`, `probe_wikipedia` and `probe_news` stages of `metaclm reproduce` into --out and writes
+Runs the `data` and probe stages of `metaclm reproduce` (`probe_wikipedia`, `probe_news` with
+SmolLM2-135M-Instruct, `probe_wikipedia_gemma3`, `probe_news_gemma3` with Gemma-3-270M) into --out and writes
 OUT/REPORT.md; a rerun skips the stages already done with the same settings (docs/reproduce.md).
 
     python scripts/tables_1_3.py [--quick | --paper] [--out DIR]
@@ -11,7 +12,7 @@ import sys
 
 from metaclm_ext.commands.reproduce import script_main
 
-STAGES = ["data", "probe_wikipedia", "probe_news"]
+STAGES = ["data", "probe_wikipedia", "probe_news", "probe_wikipedia_gemma3", "probe_news_gemma3"]
 
 
 def main(argv=None) -> int:

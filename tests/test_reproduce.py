@@ -19,9 +19,10 @@ from metaclm_ext.reproduce import SCALES, SETTINGS, STAGES, reproduce, selected_
 from metaclm_ext.reproduce.run import LOCK_FILE
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-GROUPS = {"tables_1_3.py": {"data", "probe_wikipedia", "probe_news"},
+PROBES = {"probe_wikipedia", "probe_news", "probe_wikipedia_gemma3", "probe_news_gemma3"}
+GROUPS = {"tables_1_3.py": {"data", *PROBES},
           "figures_1_3.py": {"data", "train_table5", "analyze_table5", "dualcheck_table5", "knn_table5"},
-          "figures_4_8.py": {"probe_wikipedia", "probe_news"},
+          "figures_4_8.py": PROBES,
           "figure_6.py": {"data", "train_table6", "analyze_table6"},
           "appendix_b.py": {"data", "train_table5", "appendix_b"}}
 VERDICTS = ("reproduced", "partly reproduced", "not reproduced", "not tested")
@@ -34,7 +35,7 @@ def tiny_settings(model: str, corpus: str) -> dict:
         "train_table6": {"epochs": 2, "max_train_sequences": 24, "max_validation_sequences": 16, "checkpoint_every": 1},
         "analyze_table5": {"every": 2, "kmeans_init": 1},
         "analyze_table6": {"parts": ["inner_loss", "norms"]},  # Figure 6 needs the norms only
-        "probe_wikipedia": probe, "probe_news": dict(probe),
+        **{stage: dict(probe) for stage in PROBES},  # a tiny GPT-2 for every probe stage: no real model loaded
         "appendix_b": {"max_samples": 4},
         "finetune_lm": {"model": model, "corpus": corpus, "tokens": 64, "seq_len": 16, "fp32_layers": "0,-1",
                         "max_queries": 16, "dualcheck_queries": 16},

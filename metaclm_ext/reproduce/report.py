@@ -15,6 +15,8 @@ from ..dualcheck import EXACT_TOLERANCE
 from ..markdown import table
 from ..paper import paper_numbers, paper_numbers_path
 from ..probe.corpora import PAPER_CORPUS_NAMES
+from ..probe.lens import layer_trend
+from ..probe.report import ratio_table
 from .claims import judge_all, model_name
 from .provenance import commit, machine
 from .stages import PROBE_COLUMNS, SCALES, SETTINGS, STAGES
@@ -82,28 +84,34 @@ def _probe_setting(records: dict, stage: str) -> str:
 
 # -- sections -------------------------------------------------------------------------------------------
 
+def _done_probes(records: dict) -> list[tuple[str, dict]]:
+    """(stage, headline) of every probe stage that is done, in PROBE_COLUMNS order."""
+    return [(s, records[s]["headline"]) for s in PROBE_COLUMNS if records[s]["status"] == "done"]
+
+
 def _table1(records: dict, paper: dict, claims: list) -> list[str]:
     lines = ["## Table 1: non-decreasing current-token norms (Section 8.1)", "",
-             "Last layer excluded, as in the paper: one trajectory per studied token over states 0 (embeddings) .. "
-             "L-1; sequence % = trajectories that never decrease, pair % = neighbouring pairs that do not.", ""]
+             "Last layer excluded, as in the paper: trajectories over states 0 (embeddings) .. L-1; sequence % = "
+             "trajectories that never decrease, pair % = neighbouring pairs that do not. Two trajectory units: "
+             "**one per sample** (its last studied token; judged, as Table 1 speaks of \"the majority of samples\" "
+             "and Figures 5/8 draw one path per sample) and every studied token (reported).", ""]
     paper_table = paper["table1_nondecreasing_norm_percent"]
+    lines += _absent(records, *PROBE_COLUMNS)
     rows = []
-    for stage, column in PROBE_COLUMNS.items():
-        lines += _absent(records, stage)
-        if records[stage]["status"] == "done":
-            h = records[stage]["headline"]
-            t1, w = h["norms"]["table1"], h["norms"]["with_last_layer"]
-            lines.append(f"- {_probe_setting(records, stage)}.")
+    for stage, h in _done_probes(records):
+        lines.append(f"- {_probe_setting(records, stage)}.")
+        for unit, t1, w in (("one per sample", h["norms"]["per_sample"]["table1"], h["norms"]["per_sample"]["with_last_layer"]),
+                            ("every studied token", h["norms"]["table1"], h["norms"]["with_last_layer"])):
             rows.append([f"ours: {model_name(h)}", f"{h['corpus']['description']}",
-                         f"**{t1['sequence_percent']:.1f}**", f"**{t1['pair_percent']:.1f}**",
+                         f"**{t1['sequence_percent']:.1f}**", f"**{t1['pair_percent']:.1f}**", unit, t1["trajectories"],
                          t1["pairs_per_trajectory"], f"{t1['null_sequence_percent']:.2g}",
                          f"{w['sequence_percent']:.1f} / {w['pair_percent']:.1f}"])
-        rows += [[f"paper: {model}", PAPER_CORPUS_NAMES[column], cols[column]["sequence"], cols[column]["pair"], "", "", ""]
-                 for model, cols in paper_table.items() if model != "note"]
-    lines += [""] + table(["model", "corpus", "sequence %", "pair %", "pairs", "null sequence %",
-                            "with last layer: seq / pair %"], rows)
-    figs = [_fig(s, records[s]["headline"]["files"], "norms", f"norms, {s}") for s in PROBE_COLUMNS
-            if records[s]["status"] == "done"]
+    for column in dict.fromkeys(PROBE_COLUMNS.values()):
+        rows += [[f"paper: {model}", PAPER_CORPUS_NAMES[column], cols[column]["sequence"], cols[column]["pair"],
+                  "", "", "", "", ""] for model, cols in paper_table.items() if model != "note"]
+    lines += [""] + table(["model", "corpus", "sequence %", "pair %", "unit", "trajectories", "pairs",
+                            "null sequence %", "with last layer: seq / pair %"], rows)
+    figs = [_fig(s, h["files"], "norms", f"norms, {s}") for s, h in _done_probes(records)]
     return lines + [""] + figs + _claim_lines(claims, "Table 1 / Fig 5/8")
 
 
@@ -138,17 +146,25 @@ def _table3(records: dict, paper: dict) -> list[str]:
     t3 = paper["table3_after_filtering_loss_gt_10"]
     sizes = paper["table2_data_sizes"]
     total = {"wikitext103": sizes["wikitext103_test"], "1bw": sizes["1bw_test_sampled"]}
-    lines = ["## Table 3: samples kept after dropping final-layer loss > 10", ""]
+    lines = ["## Table 3: samples kept after dropping final-layer loss > 10 — not comparable", "",
+             "The paper drops \"loss sequences with a final value greater than 10.0\" (Section 6) and keeps 17-77% of "
+             "its samples; its text does not say which final value (a sample's mean over tokens, its last token, a "
+             "sum; through the final norm or not), so its filter is not recoverable. Ours (the mean last-layer "
+             "logit-lens loss <= 10, used for Figures 4/7 and Table 1) is one candidate; every candidate is listed "
+             "with the samples it would keep.", ""]
+    lines += _absent(records, *PROBE_COLUMNS)
+    ways = ("mean", "last_token", "sum")
     rows = []
-    for stage, column in PROBE_COLUMNS.items():
-        lines += _absent(records, stage)
-        if records[stage]["status"] == "done":
-            h = records[stage]["headline"]
-            rows.append([f"ours: {model_name(h)}", h["corpus"]["description"],
-                         f"**{h['counts']['kept_after_loss_filter']:,}** of {h['counts']['sampled']:,}"])
-        rows += [[f"paper: {model}", PAPER_CORPUS_NAMES[column], f"{cols[column]:,} of {total[column]:,}"]
-                 for model, cols in t3.items()]
-    return lines + table(["model", "corpus", "kept"], rows)
+    for stage, h in _done_probes(records):
+        v = h["table3_variants"]
+        for curve, label in (("logit_lens", "logit lens"), ("head_only", "head only (Eq. 9)")):
+            rows.append([f"ours: {model_name(h)}", h["corpus"]["description"], label,
+                         *(f"{v['kept'][curve][w]:,} of {v['scored']:,}" for w in ways)])
+    for column in dict.fromkeys(PROBE_COLUMNS.values()):
+        rows += [[f"paper: {model}", PAPER_CORPUS_NAMES[column], "not stated", f"{cols[column]:,} of {total[column]:,}",
+                  "", ""] for model, cols in t3.items()]
+    return lines + table(["model", "corpus", "last-layer loss through", "kept: mean over tokens <= 10",
+                          "last token <= 10", "sum <= 10"], rows)
 
 
 def _analysis_start(records: dict, title: str, train_stage: str, analyze_stage: str) -> tuple[list[str], dict]:
@@ -223,33 +239,36 @@ def _attention(records: dict, claims: list) -> list[str]:
 
 
 def _real_inner_loss(records: dict, claims: list) -> list[str]:
-    lines = ["## Figures 4 and 7: inner loss across layers of a pretrained LM (Section 6)", ""]
+    lines = ["## Figures 4 and 7: inner loss across layers of a pretrained LM (Section 6)", "",
+             "Two curves per run, each labelled: **head only** = Eq. 9 as written, the LM head applied to each layer's "
+             "raw z (judged), and **logit lens** = the model's final norm first (reported). Judged from layer 1 on: "
+             "the last layer below layer 1 and a falling Spearman trend over layers 1..L; the embeddings (state 0) "
+             "are shown, not judged.", ""]
+    lines += _absent(records, *PROBE_COLUMNS)
     rows, figs = [], []
-    for stage in PROBE_COLUMNS:
-        lines += _absent(records, stage)
-        if records[stage]["status"] == "done":
-            h = records[stage]["headline"]
-            il = h["inner_loss"]
-            steps = sum(b <= a for a, b in zip(il["mean"], il["mean"][1:]))
-            lines.append(f"- {_probe_setting(records, stage)}.")
-            rows.append([h["corpus"]["description"], f"{il['first']:.2f}", f"**{il['last']:.2f}**", il["min_state"],
-                         f"{steps} of {len(il['mean']) - 1}", f"{h['counts']['kept_after_loss_filter']}"])
-            figs.append(_fig(stage, h["files"], "inner_loss", f"inner loss, {stage}"))
+    for stage, h in _done_probes(records):
+        lines.append(f"- {_probe_setting(records, stage)}.")
+        for key, label in (("inner_loss_head_only", "head only (Eq. 9)"), ("inner_loss", "logit lens")):
+            il = h[key]
+            rho = layer_trend(il["mean"])
+            rows.append([model_name(h), h["corpus"]["description"], label, f"{il['mean'][0]:.2f}",
+                         f"{il['mean'][1]:.2f}", f"**{il['mean'][-1]:.2f}**", il["min_state"], f"{rho:.2f}",
+                         f"{h['counts']['kept_after_loss_filter']}"])
+        figs.append(_fig(stage, h["files"], "inner_loss", f"inner loss, {stage}"))
     lines += ["", "Paper: figures only (GPT-2 / LLaMa on Wikitext-103 and 1BW).", ""]
-    lines += table(["corpus", "embeddings (nats)", "last layer (nats)", "lowest state", "non-rising steps",
-                     "samples"], rows)
+    lines += table(["model", "corpus", "curve", "embeddings (nats)", "layer 1", "last layer", "lowest state",
+                     "Spearman rho, layers 1..L", "samples"], rows)
     return lines + [""] + figs + _claim_lines(claims, "Fig 4/7")
 
 
 def _pca(records: dict) -> list[str]:
     lines = ["## Figures 5 and 8: current-token trajectories, PCA (Section 8.1)", "",
-             "Paper: figures only; the norm claim that goes with them is judged under Table 1 above.", ""]
-    for stage in PROBE_COLUMNS:
-        if records[stage]["status"] == "done":
-            h = records[stage]["headline"]
-            lines += [f"- {_probe_setting(records, stage)}; explained variance "
-                      + ", ".join(f"{v:.2f}" for v in h["pca_explained"]) + ".", "",
-                      _fig(stage, h["files"], "pca", f"PCA trajectories, {stage}"), ""]
+             "Paper: figures only; the norm claim that goes with them is judged under Table 1 above, on the same "
+             "unit as these figures.", ""]
+    for stage, h in _done_probes(records):
+        lines += [f"- {_probe_setting(records, stage)}; {h['pca_unit']}; explained variance "
+                  + ", ".join(f"{v:.2f}" for v in h["pca_explained"]) + ".", "",
+                  _fig(stage, h["files"], "pca", f"PCA trajectories, {stage}"), ""]
     return lines
 
 
@@ -313,11 +332,13 @@ def _appendix_b(records: dict, claims: list) -> list[str]:
     lines += _absent(records, "appendix_b")
     if records["appendix_b"]["status"] == "done":
         h = records["appendix_b"]["headline"]
-        lines += [f"Synthetic Table 5 model (GPT-2 design; the paper used GPT-2), epoch {h['epoch']}, last token of "
-                  f"{h['samples']} validation sequences x {len(h['per_layer_satisfied_percent'])} layers: Proposition 1 "
-                  f"holds for **{h['satisfied_percent']:.1f}%** of {h['pairs']} pairs (per layer "
+        lines += [f"{h['model']} (the paper used GPT-2); current token: {h['current_token']}; {h['samples']} validation "
+                  f"sequences x {len(h['per_layer_satisfied_percent'])} layers: Proposition 1 holds for "
+                  f"**{h['satisfied_percent']:.1f}%** of {h['pairs']} pairs (per layer "
                   + ", ".join(f"{p:.0f}%" for p in h["per_layer_satisfied_percent"])
-                  + f"); ||W_linear x|| >= ||x|| for {h['norm_ratio_ge_1_percent']:.1f}%. Paper: all samples and layers."]
+                  + "). Paper: all samples and layers. The norm ratios of the same pairs, linearised layer and real "
+                  "block (raw residual stream, no final norm), as quantiles (q0 = min, q100 = max):", "",
+                  *ratio_table(h)]
     return lines + _claim_lines(claims, "Appendix B")
 
 

@@ -33,8 +33,8 @@ from ..training.loop import train
 _T5, _T6 = (paper_numbers()[k]["epochs"] for k in ("table5_training_section5", "table6_training_section8_1"))
 
 
-def _probe_settings(corpus: str) -> dict:
-    return {"model": ("smollm2", "smollm2"), "corpus": (corpus, corpus), "max_samples": (48, 500),
+def _probe_settings(corpus: str, model: str) -> dict:
+    return {"model": (model, model), "corpus": (corpus, corpus), "max_samples": (48, 500),
             "batch_size": (8, 8), "max_tokens": (128, 128), "pca_samples": (24, 50), "linear_samples": (50, 50),
             "seed": (0, 0), "device": (None, None)}
 
@@ -65,8 +65,10 @@ SETTINGS: dict[str, dict[str, tuple]] = {
         "kmeans_init": (2, 4), "seed": (0, 0), "device": ("auto", "auto"),
     },
     "knn_table5": {"k": (16, 16), "metric": ("l2", "l2"), "kind": ("flat", "flat")},
-    "probe_wikipedia": _probe_settings("wikipedia"),
-    "probe_news": _probe_settings("news"),
+    "probe_wikipedia": _probe_settings("wikipedia", "smollm2"),
+    "probe_news": _probe_settings("news", "smollm2"),
+    "probe_wikipedia_gemma3": _probe_settings("wikipedia", "gemma3-270m"),
+    "probe_news_gemma3": _probe_settings("news", "gemma3-270m"),
     "appendix_b": {"epoch": (None, None), "max_samples": (50, 200)},
     # Beyond the paper: `metaclm finetune` at its defaults in --paper; in --quick 2 steps of 2 x 64 tokens
     # recording 3 layers (a minute or two on 2 CPU cores, mostly loading and saving the model).
@@ -78,7 +80,9 @@ SETTINGS: dict[str, dict[str, tuple]] = {
     },
 }
 SCALES = ("quick", "paper")
-PROBE_COLUMNS = {"probe_wikipedia": "wikitext103", "probe_news": "1bw"}  # the paper column each probe stands in for
+# the paper column each probe stage stands in for; both stand-in models on both corpora
+PROBE_COLUMNS = {"probe_wikipedia": "wikitext103", "probe_news": "1bw",
+                 "probe_wikipedia_gemma3": "wikitext103", "probe_news_gemma3": "1bw"}
 
 
 class Context(NamedTuple):
@@ -178,9 +182,11 @@ def _probe(ctx: Context, cfg: dict, out: Path) -> dict:
     files = probe_report.write_outputs(result, out)
     linear = {k: v for k, v in result["linear"].items() if k != "per_sample"}
     return {"model": result["model"], "corpus": result["corpus"], "counts": result["counts"],
-            "inner_loss": result["inner_loss"], "norms": {k: v for k, v in result["norms"].items() if k != "mean"},
-            "pca_explained": result["pca"]["explained_variance_ratio"], "linear": linear,
-            "seconds": result["seconds"], "files": files}
+            "inner_loss": result["inner_loss"], "inner_loss_head_only": result["inner_loss_head_only"],
+            "table3_variants": result["table3_variants"],
+            "norms": {k: v for k, v in result["norms"].items() if k != "mean"},
+            "pca_explained": result["pca"]["explained_variance_ratio"], "pca_unit": result["pca"]["unit"],
+            "linear": linear, "seconds": result["seconds"], "files": files}
 
 
 def _appendix_b(ctx: Context, cfg: dict, out: Path) -> dict:
@@ -231,6 +237,8 @@ STAGES = [  # in an order that runs every stage after the stages it needs
     Stage("knn_table5", ("train_table5",), _knn, "Section 3: the LM head as kNN over the history"),
     Stage("probe_wikipedia", (), _probe, "Tables 1, 3, Figures 4, 5 (Wikitext-103 column)"),
     Stage("probe_news", (), _probe, "Tables 1, 3, Figures 7, 8 (1BW column)"),
+    Stage("probe_wikipedia_gemma3", (), _probe, "Table 1, Figures 4, 5 (Wikitext-103 column), second stand-in"),
+    Stage("probe_news_gemma3", (), _probe, "Table 1, Figures 7, 8 (1BW column), second stand-in"),
     Stage("appendix_b", ("train_table5",), _appendix_b, "Appendix B, Proposition 1"),
     Stage("finetune_lm", (), _finetune_lm, "Beyond the paper: a real LM's fine-tuning history, exact and queried"),
 ]
