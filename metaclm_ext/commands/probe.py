@@ -31,11 +31,15 @@ def main(args: argparse.Namespace) -> int:
                       args.pca_samples, args.linear_samples, args.seed, args.device)
     result = run_probe(cfg)
     files = write_outputs(result, args.out)
-    il, t1, n = result["inner_loss"], result["norms"]["table1"], result["counts"]
+    n, one, t1 = result["counts"], result["norms"]["per_sample"]["table1"], result["norms"]["table1"]
     print(f"model: {result['model']['description']}\ncorpus: {result['corpus']['description']}")
-    print(f"kept {n['kept_after_loss_filter']}/{n['sampled']} samples; inner loss embeddings {il['first']:.3f} -> "
-          f"last layer {il['last']:.3f} nats; non-decreasing norms (last layer excluded): "
-          f"{t1['sequence_percent']:.1f}% sequences, {t1['pair_percent']:.1f}% pairs")
+    print(f"kept {n['kept_after_loss_filter']}/{n['sampled']} samples")
+    for curve in (result["inner_loss_head_only"], result["inner_loss"]):
+        print(f"inner loss, {curve['label']}: embeddings {curve['first']:.3f}, layer 1 {curve['layer1']:.3f}, "
+              f"last layer {curve['last']:.3f} nats; Spearman rho over layers 1..L {curve['trend_rho']:.2f}")
+    print(f"non-decreasing norms (last layer excluded): one per sample {one['sequence_percent']:.1f}% sequences, "
+          f"{one['pair_percent']:.1f}% pairs; every studied token {t1['sequence_percent']:.1f}% / "
+          f"{t1['pair_percent']:.1f}%")
     if result["linear"]["applicable"]:
         print(f"Appendix B: Proposition 1 holds for {result['linear']['satisfied_percent']:.1f}% of "
               f"{result['linear']['pairs']} (sample, layer) pairs")
