@@ -129,6 +129,13 @@ def test_report_judges_every_claim_of_the_paper(tiny):
     assert any("second-to-last letter, before ln_f" in w for w in fig1) and any("> chance" in w for w in fig1)
     # Appendix B is checked on the synthetic model and on the GPT-2-design probe model (2 samples x 3 layers).
     assert any("of 6 (sample, layer) pairs" in ch["what"] for ch in by_figure["Appendix B"]["checks"])
+    assert "current token: the last token of each validation sequence (<eos>)" in text
+    assert "| ‖W_linear x‖ / ‖x‖ |" in text and "| real block: ‖z_out‖ / ‖z_in‖ |" in text
+    # Figures 4/7 and Table 1 count two checks per probe stage; the rest is context, printed beside them.
+    for figure in ("Fig 4/7", "Table 1 / Fig 5/8"):
+        checks = by_figure[figure]["checks"]
+        assert sum(ch["substantive"] for ch in checks) == 2 * len(PROBES) < len(checks)
+    assert "## Table 3: samples kept after dropping final-layer loss > 10 — not comparable" in text
 
 
 # --- resumability --------------------------------------------------------------------------------------
