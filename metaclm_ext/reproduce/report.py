@@ -248,16 +248,22 @@ def _real_inner_loss(records: dict, claims: list) -> list[str]:
     rows, figs = [], []
     for stage, h in _done_probes(records):
         lines.append(f"- {_probe_setting(records, stage)}.")
-        for key, label in (("inner_loss_head_only", "head only (Eq. 9)"), ("inner_loss", "logit lens")):
+        v = h["table3_variants"]
+        for key, label, curve in (("inner_loss_head_only", "head only (Eq. 9)", "head_only"),
+                                  ("inner_loss", "logit lens", "logit_lens")):
             il = h[key]
             rho = layer_trend(il["mean"])
             rows.append([model_name(h), h["corpus"]["description"], label, f"{il['mean'][0]:.2f}",
                          f"{il['mean'][1]:.2f}", f"**{il['mean'][-1]:.2f}**", il["min_state"], f"{rho:.2f}",
-                         f"{h['counts']['kept_after_loss_filter']}"])
+                         f"{h['counts']['kept_after_loss_filter']}",
+                         f"{v['kept'][curve]['mean']} of {v['scored']}"])
         figs.append(_fig(stage, h["files"], "inner_loss", f"inner loss, {stage}"))
     lines += ["", "Paper: figures only (GPT-2 / LLaMa on Wikitext-103 and 1BW).", ""]
     lines += table(["model", "corpus", "curve", "embeddings (nats)", "layer 1", "last layer", "lowest state",
-                     "Spearman rho, layers 1..L", "samples"], rows)
+                     "Spearman rho, layers 1..L", "samples", "kept if this curve's mean last-layer loss <= 10"], rows)
+    lines += ["", "Without the final norm the LM head's logits scale with the raw residual norm, so the head-only curve "
+              "follows the norms (Table 1's figures) as much as the prediction; the last column shows how many samples a paper-style filter on each curve would "
+              "keep (Table 3). The curves are means over the samples our filter keeps (the logit lens')."]
     return lines + [""] + figs + _claim_lines(claims, "Fig 4/7")
 
 
