@@ -70,6 +70,8 @@ def test_proposition1_on_constructed_matrices():
     assert got["rhs"] == pytest.approx(float(v.norm() ** 2), rel=1e-9)
     with pytest.raises(ValueError):
         linear.proposition1(w, torch.randn(4))
+    with pytest.raises(ValueError, match="at least one"):
+        linear.summarise([])
 
 
 def test_linearized_layer_matches_eq16_written_out(tiny):

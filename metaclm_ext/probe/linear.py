@@ -104,7 +104,7 @@ def summarise(rows: list[dict]) -> dict:
     blocks' norm ratios (the quantity Proposition 1 is about: a share alone hides how far from 1 they are)."""
     pairs = [layer for r in rows for layer in r["layers"]]
     if not pairs:
-        return {"samples": len(rows), "pairs": 0}
+        raise ValueError("Appendix B needs at least one (sample, layer) pair, got none")
     layers = len(rows[0]["layers"])
 
     def percent(flags) -> float:

@@ -98,10 +98,9 @@ def _loss_line(curve: dict) -> str:
 def _linear_lines(lin: dict) -> list[str]:
     if not lin["applicable"]:
         return [f"Not run: {lin['reason']}."]
-    lines = [f"W_linear = (I + W_FFN)(I + W_MHSA) for {lin['current_token']}, {lin['samples']} samples at every "
-             f"layer ({lin['pairs']} pairs): Proposition 1's condition holds for **{lin['satisfied_percent']:.1f}%**; "
-             f"the smallest Gram eigenvalue is >= 1 for {lin['min_eigenvalue_ge_1_percent']:.1f}%."]
-    return lines + ["", *ratio_table(lin)] if lin["pairs"] else lines
+    return [f"W_linear = (I + W_FFN)(I + W_MHSA) for {lin['current_token']}, {lin['samples']} samples at every "
+            f"layer ({lin['pairs']} pairs): Proposition 1's condition holds for **{lin['satisfied_percent']:.1f}%**; "
+            f"the smallest Gram eigenvalue is >= 1 for {lin['min_eigenvalue_ge_1_percent']:.1f}%.", "", *ratio_table(lin)]
 
 
 def ratio_table(summary: dict) -> list[str]:
