@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ def _figures(result: dict, out: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model, corpus = result["model"]["description"], result["corpus"]["description"]
+    # Figure titles are ~90 characters wide at this size: a long model description wraps instead of being cut.
+    model, corpus = textwrap.fill(result["model"]["description"], 90), result["corpus"]["description"]
     states = result["inner_loss"]["states"]
     kept = [r for r in result["samples"] if r["kept"]]
     files = {}
@@ -48,9 +50,9 @@ def _figures(result: dict, out: Path) -> dict:
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("current-token norm (raw, before final norm)")
     t1, one = result["norms"]["table1"], result["norms"]["per_sample"]["table1"]
-    ax.set_title(f"Norms across layers, every studied token; non-decreasing (last layer excluded): "
-                 f"{t1['sequence_percent']:.1f}% sequences, {t1['pair_percent']:.1f}% pairs (one per sample: "
-                 f"{one['sequence_percent']:.1f}% / {one['pair_percent']:.1f}%)\n{model}\n{corpus}", fontsize=7)
+    ax.set_title(f"Norms across layers (every studied token); non-decreasing, last layer excluded:\none per sample "
+                 f"{one['sequence_percent']:.1f}% sequences / {one['pair_percent']:.1f}% pairs, every studied token "
+                 f"{t1['sequence_percent']:.1f}% / {t1['pair_percent']:.1f}%\n{model}\n{corpus}", fontsize=7)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "norms.png", dpi=120)
