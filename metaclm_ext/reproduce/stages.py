@@ -23,8 +23,10 @@ from ..finetune.exactness import check_run
 from ..finetune.same_article import AnalysisConfig, same_article_analysis
 from ..knn import evaluate_run
 from ..paper import paper_numbers
+from ..probe import norm_drops_report
 from ..probe import report as probe_report
 from ..probe.linear import synthetic_run
+from ..probe.norm_drops_run import run_norm_drops
 from ..probe.run import ProbeConfig, run_probe
 from ..recording import format_report as format_store_report
 from ..training import load_run, make_config
@@ -67,6 +69,8 @@ SETTINGS: dict[str, dict[str, tuple]] = {
     "knn_table5": {"k": (16, 16), "metric": ("l2", "l2"), "kind": ("flat", "flat")},
     "probe_wikipedia": _probe_settings("wikipedia"),
     "probe_news": _probe_settings("news"),
+    # Why Table 1's sequence level is what it is: the tokens of probe_wikipedia (same model, corpus, samples).
+    "table1_cause": {k: v for k, v in _probe_settings("wikipedia").items() if k not in ("pca_samples", "linear_samples")},
     "appendix_b": {"epoch": (None, None), "max_samples": (50, 200)},
     # Beyond the paper: `metaclm finetune` at its defaults in --paper; in --quick 2 steps of 2 x 64 tokens
     # recording 3 layers (a minute or two on 2 CPU cores, mostly loading and saving the model).
@@ -183,6 +187,11 @@ def _probe(ctx: Context, cfg: dict, out: Path) -> dict:
             "seconds": result["seconds"], "files": files}
 
 
+def _table1_cause(ctx: Context, cfg: dict, out: Path) -> dict:
+    result = run_norm_drops(ProbeConfig(**cfg), progress=ctx.progress)
+    return {**result, "files": norm_drops_report.write_outputs(result, out)}
+
+
 def _appendix_b(ctx: Context, cfg: dict, out: Path) -> dict:
     summary = synthetic_run(ctx.run_dir("train_table5"), cfg["epoch"], cfg["max_samples"])
     (out / "appendix_b.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -231,6 +240,8 @@ STAGES = [  # in an order that runs every stage after the stages it needs
     Stage("knn_table5", ("train_table5",), _knn, "Section 3: the LM head as kNN over the history"),
     Stage("probe_wikipedia", (), _probe, "Tables 1, 3, Figures 4, 5 (Wikitext-103 column)"),
     Stage("probe_news", (), _probe, "Tables 1, 3, Figures 7, 8 (1BW column)"),
+    Stage("table1_cause", (), _table1_cause, "Table 1 explained: per-step norm drops, their sublayer, dominant "
+          "dimensions, tolerance, removal"),
     Stage("appendix_b", ("train_table5",), _appendix_b, "Appendix B, Proposition 1"),
     Stage("finetune_lm", (), _finetune_lm, "Beyond the paper: a real LM's fine-tuning history, exact and queried"),
 ]
