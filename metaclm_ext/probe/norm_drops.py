@@ -150,6 +150,7 @@ def explain(states: torch.Tensor, after_attention: torch.Tensor, taus=TAUS, remo
     removed = [int(m) for m in removed]
     if not removed or any(not 0 <= m < d for m in removed):
         raise ValueError(f"removed must be a non-empty list of counts in [0, {d}), got {removed}")
+    _check_count("top", top, 1, d)
     _check_count("worst", worst, 1, s - 1)
     _check_count("attributed", attributed, 1, d)
     dims = dominant_dims(states, max(top, max(removed), attributed))
