@@ -2,8 +2,9 @@
 """Tables 1-3 of the paper: non-decreasing norms of a pretrained LM (Table 1), data sizes (Table 2) and the samples
 kept after the loss filter (Table 3), beside the paper's numbers.
 
-Runs the `data`, `probe_wikipedia` and `probe_news` stages of `metaclm reproduce` into --out and writes
-OUT/REPORT.md; a rerun skips the stages already done with the same settings (docs/reproduce.md).
+Runs the `data`, `probe_wikipedia`, `probe_news` and `table1_cause` (why Table 1's norms drop) stages of
+`metaclm reproduce` into --out and writes OUT/REPORT.md; a rerun skips the stages already done with the same
+settings (docs/reproduce.md).
 
     python scripts/tables_1_3.py [--quick | --paper] [--out DIR]
 """
@@ -11,7 +12,7 @@ import sys
 
 from metaclm_ext.commands.reproduce import script_main
 
-STAGES = ["data", "probe_wikipedia", "probe_news"]
+STAGES = ["data", "probe_wikipedia", "probe_news", "table1_cause"]
 
 
 def main(argv=None) -> int:
