@@ -26,7 +26,7 @@ REMOVED = (0, 1, 2, 4)               # how many top dimensions are removed befor
 TOP_DIMS = 4                         # dimensions named per state
 WORST_STEPS = 2                      # steps split into attention and MLP
 ATTRIBUTED_DIMS = 2                  # top dimensions whose share of a worst step's squared-norm loss is reported
-_CHUNK = 4096                        # tokens per slice when norms are recomputed without some dimensions
+_CHUNK = 4096                        # tokens per slice of the per-dimension passes: bounds their extra memory
 
 
 def _check_states(states) -> None:
@@ -38,7 +38,7 @@ def _check_states(states) -> None:
         raise ValueError(f"states needs at least one token, two states and one dimension, got shape {tuple(states.shape)}")
     if not bool(torch.isfinite(states).all()):
         raise ValueError("states holds non-finite values")
-    if bool((states.abs().amax(-1) == 0).any()):
+    if bool((states.norm(dim=-1) == 0).any()):
         raise ValueError("states holds an all-zero state vector: its dimensions have no share of its norm")
 
 
@@ -50,8 +50,11 @@ def _check_count(name: str, value, low: int, high: int) -> None:
 def dim_shares(states: torch.Tensor) -> torch.Tensor:
     """[S, d] float64: at each state, each dimension's share of the squared norm, averaged over the tokens."""
     _check_states(states)
-    sq = states.double().pow(2)
-    return (sq / sq.sum(-1, keepdim=True)).mean(0)
+    total = torch.zeros(states.shape[1:], dtype=torch.float64)
+    for chunk in states.split(_CHUNK):  # float64 squares of every token at once would be 2x the states' memory
+        sq = chunk.double().pow(2)
+        total += (sq / sq.sum(-1, keepdim=True)).sum(0)
+    return total / states.shape[0]
 
 
 def dominant_dims(states: torch.Tensor, top: int = TOP_DIMS) -> dict:
