@@ -225,4 +225,7 @@ def test_cli_explain_norms_writes_its_outputs(tiny, tmp_path, capsys):
     assert written["removal"][0]["sequence_percent"] == probe["norms"]["table1"]["sequence_percent"]
     text = (out / "norm_drops.md").read_text()
     assert "| 0 | none (Table 1) |" in text and "![norm drops" in text
+    worst = written["worst_steps"][0]
+    assert (f"The worst step, {worst['from_state']} -> {worst['to_state']}, keeps "
+            f"{worst['nondecreasing_percent']:.1f}% of tokens") in text
     assert all(math.isfinite(r["pair_percent"]) for r in written["removal"])

@@ -14,6 +14,33 @@ def _dims(entries: list[dict], key: str) -> str:
     return ", ".join(f"{e['dim']} ({e[key]:.1f}%)" for e in entries)
 
 
+def _in_short(result: dict) -> str:
+    """The findings in one paragraph, every number read from the result."""
+    base, worst = result["removal"][0], result["worst_steps"][0]
+    removal = {r["removed"]: r for r in result["removal"]}
+    text = (f"**In short.** With every dimension, {base['sequence_percent']:.1f}% of trajectories and "
+            f"{base['pair_percent']:.1f}% of steps keep the norm (Table 1). ")
+    if worst["cause"] is None:
+        return text + "No token's norm drops at any step."
+    a = worst["from_state"]
+    shares = {r["dim"]: r["share_percent_by_state"][a] for r in result["dominant_dims"]["ranking"]}
+    dims = worst["attributed_dims"]
+    text += (f"The worst step, {a} -> {a + 1}, keeps {worst['nondecreasing_percent']:.1f}% of tokens; there the "
+             f"{'MLP' if worst['cause'] == 'mlp' else 'attention'} sublayer drops the norms (attention keeps "
+             f"{worst['attention_nondecreasing_percent']:.1f}%, the MLP {worst['mlp_nondecreasing_percent']:.1f}%). ")
+    if all(d in shares for d in dims):
+        text += (f"Dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))} hold "
+                 f"{' and '.join(f'{shares[d]:.1f}%' for d in dims)} of the squared norm at state {a}. ")
+    if len(dims) in removal:
+        r = removal[len(dims)]
+        text += f"Without them: {r['sequence_percent']:.1f}% / {r['pair_percent']:.1f}%. "
+    tolerated = [t for t in result["tolerance"] if t["tau_percent"]]
+    if tolerated:
+        text += (f"A tolerance of {tolerated[0]['tau_percent']:g}-{tolerated[-1]['tau_percent']:g}% per step gives "
+                 f"{tolerated[0]['sequence_percent']:.1f}-{tolerated[-1]['sequence_percent']:.1f}% of trajectories.")
+    return text.rstrip()
+
+
 def markdown_lines(result: dict, figure: str) -> list[str]:
     """The analysis as Markdown (no title): counts, per-step table, worst steps, dominant dimensions, tolerance
     curve and removal of the top dimensions; ``figure`` is the path the figure is linked by."""
@@ -24,7 +51,7 @@ def markdown_lines(result: dict, figure: str) -> list[str]:
     lines = [f"{m['description']} on {result['corpus']['description']}: {n['studied_tokens_kept']:,} studied tokens of "
              f"{n['kept_after_loss_filter']:,} kept samples ({n['sampled']:,} sampled, max "
              f"{result['config']['max_tokens']} tokens), states 0 .. {s - 1} as in Table 1 (last layer excluded). A "
-             "step keeps a token's norm when the norm does not decrease.", "",
+             "step keeps a token's norm when the norm does not decrease.", "", _in_short(result), "",
              "**Where the norms drop.** % of tokens whose norm does not decrease at each step, with the norm taken "
              "over all dimensions and without the top dominant ones:", ""]
     header = ["step", "all dims %", *(f"without top {k} %" for k in shown)]
