@@ -3,8 +3,9 @@
 kept after the loss filter (Table 3), beside the paper's numbers.
 
 Runs the `data` and probe stages of `metaclm reproduce` (`probe_wikipedia`, `probe_news` with
-SmolLM2-135M-Instruct, `probe_wikipedia_gemma3`, `probe_news_gemma3` with Gemma-3-270M) into --out and writes
-OUT/REPORT.md; a rerun skips the stages already done with the same settings (docs/reproduce.md).
+SmolLM2-135M-Instruct, `probe_wikipedia_gemma3`, `probe_news_gemma3` with Gemma-3-270M) and `table1_cause` (why
+Table 1's norms drop) into --out and writes OUT/REPORT.md; a rerun skips the stages already done with the same
+settings (docs/reproduce.md).
 
     python scripts/tables_1_3.py [--quick | --paper] [--out DIR]
 """
@@ -12,7 +13,7 @@ import sys
 
 from metaclm_ext.commands.reproduce import script_main
 
-STAGES = ["data", "probe_wikipedia", "probe_news", "probe_wikipedia_gemma3", "probe_news_gemma3"]
+STAGES = ["data", "probe_wikipedia", "probe_news", "probe_wikipedia_gemma3", "probe_news_gemma3", "table1_cause"]
 
 
 def main(argv=None) -> int:

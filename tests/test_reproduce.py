@@ -20,7 +20,7 @@ from metaclm_ext.reproduce.run import LOCK_FILE
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 PROBES = {"probe_wikipedia", "probe_news", "probe_wikipedia_gemma3", "probe_news_gemma3"}
-GROUPS = {"tables_1_3.py": {"data", *PROBES},
+GROUPS = {"tables_1_3.py": {"data", *PROBES, "table1_cause"},
           "figures_1_3.py": {"data", "train_table5", "analyze_table5", "dualcheck_table5", "knn_table5"},
           "figures_4_8.py": PROBES,
           "figure_6.py": {"data", "train_table6", "analyze_table6"},
@@ -36,6 +36,7 @@ def tiny_settings(model: str, corpus: str) -> dict:
         "analyze_table5": {"every": 2, "kmeans_init": 1},
         "analyze_table6": {"parts": ["inner_loss", "norms"]},  # Figure 6 needs the norms only
         **{stage: dict(probe) for stage in PROBES},  # a tiny GPT-2 for every probe stage: no real model loaded
+        "table1_cause": {"model": model, "corpus": corpus, "max_samples": None},
         "appendix_b": {"max_samples": 4},
         "finetune_lm": {"model": model, "corpus": corpus, "tokens": 64, "seq_len": 16, "fp32_layers": "0,-1",
                         "max_queries": 16, "dualcheck_queries": 16},
@@ -87,6 +88,14 @@ def test_report_puts_the_papers_numbers_beside_ours(tiny):
             assert f"| paper: {model} | Wikitext-103 | {cols['wikitext103']['sequence']} | {cols['wikitext103']['pair']} |" in text
     ours = report["stages"]["probe_wikipedia"]["headline"]["norms"]["table1"]
     assert f"**{ours['sequence_percent']:.1f}** | **{ours['pair_percent']:.1f}**" in text
+    # Table 1 explained, right after Table 1, over the same tokens: removing no dimension is Table 1's row.
+    cause = report["stages"]["table1_cause"]["headline"]
+    assert cause["removal"][0]["dims"] == [] and cause["counts"]["studied_tokens_kept"] == ours["trajectories"]
+    assert (cause["removal"][0]["sequence_percent"], cause["removal"][0]["pair_percent"]) == \
+        (ours["sequence_percent"], ours["pair_percent"])
+    explained = text.index("## Table 1 explained")
+    assert text.index("## Table 1:") < explained < text.index("## Table 2")
+    assert f"| 0 | none (Table 1) | {ours['sequence_percent']:.1f} | {ours['pair_percent']:.1f} |" in text[explained:]
     # Table 2: synthetic sizes, ours from the written data beside the paper's.
     train_rows = len((out / "stages/data/small/train.jsonl").read_text().splitlines())
     assert f"| synthetic small train | **{train_rows:,}** | {paper['table2_data_sizes']['synthetic_small']['train']:,} |" in text

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from . import out_folder
+from ..probe import norm_drops_report
+from ..probe.norm_drops_run import run_norm_drops
 from ..probe.report import write_outputs
 from ..probe.run import ProbeConfig, run_probe
 
@@ -23,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--linear-samples", type=int, default=50, help="samples for Appendix B (GPT-2 design only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--explain-norms", action="store_true",
+                   help="also explain Table 1 on the same tokens: per-step norm drops, attention vs MLP, dominant "
+                        "residual dimensions, tolerance curve, norms without the top dimensions (norm_drops.*)")
     p.set_defaults(func=main)
 
 
@@ -44,4 +49,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"Appendix B: Proposition 1 holds for {result['linear']['satisfied_percent']:.1f}% of "
               f"{result['linear']['pairs']} (sample, layer) pairs")
     print(f"wrote {', '.join(sorted(files.values()))} to {args.out} in {result['seconds']:.1f} s")
+    if args.explain_norms:
+        drops = run_norm_drops(cfg)
+        written = norm_drops_report.write_outputs(drops, args.out)
+        worst = drops["worst_steps"][0]
+        removal = ", ".join(f"without {len(r['dims'])} ({' '.join(map(str, r['dims']))}): {r['sequence_percent']:.1f}% / "
+                            f"{r['pair_percent']:.1f}%" for r in drops["removal"] if r["dims"])
+        print(f"norm drops: worst step {worst['from_state']} -> {worst['to_state']} keeps "
+              f"{worst['nondecreasing_percent']:.1f}% of tokens (cause: {worst['cause'] or 'none drops'}); top dimension "
+              f"{drops['dominant_dims']['ranking'][0]['dim']}; sequence / pair {removal}")
+        print(f"wrote {', '.join(sorted(written.values()))} to {args.out} in {drops['seconds']:.1f} s")
     return 0

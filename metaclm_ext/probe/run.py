@@ -41,6 +41,17 @@ class ProbeConfig:
             raise ValueError(f"--max-tokens must be >= 8 (positions from the 5th on need context), got {self.max_tokens}")
 
 
+def length_sorted_batches(samples: list[str], batch_size: int) -> list[list[int]]:
+    """Indices of ``samples`` in batches of at most batch_size, shortest texts first: less padding per batch."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
+    return [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
+
+
+def kept_by_loss(last_layer_loss: float) -> bool:
+    """The paper's filter: a sample is kept when its mean last-layer loss is at most LOSS_FILTER."""
+    return bool(last_layer_loss <= LOSS_FILTER)
+
+
 def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
     """Everything the report needs, as plain numbers (plus the PCA points); see report.write_outputs."""
     cfg.check()
@@ -52,11 +63,10 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
     gpt2 = linear.is_gpt2_design(lm.model)
     weights = [linear.gpt2_weights(b, lm.model.config.n_head) for b in lm.layers] if gpt2 else None
 
-    order = sorted(range(len(corpus.samples)), key=lambda i: len(corpus.samples[i]))  # less padding per batch
     records: dict[int, dict] = {}
     token_norms, last_states, linear_rows = {}, {}, []
-    for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"probe {cfg.model}", disable=not progress):
-        idx = order[lo : lo + cfg.batch_size]
+    for idx in tqdm(length_sorted_batches(corpus.samples, cfg.batch_size), desc=f"probe {cfg.model}",
+                    disable=not progress):
         batch = make_batch(lm.tokenizer, [corpus.samples[i] for i in idx], cfg.max_tokens, device)
         states = lm.states(batch.input_ids, batch.attention_mask)
         losses, tok_norms, which = token_stats(lm, states, batch)
@@ -71,7 +81,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
             rec["layer_loss"] = losses[:, sel].mean(1).tolist()
             rec["layer_loss_head_only"] = head_losses[:, sel].mean(1).tolist()
             rec["last_layer_loss"] = _filter_variants(losses[-1, sel], head_losses[-1, sel])
-            rec["kept"] = rec["last_layer_loss"]["logit_lens"]["mean"] <= LOSS_FILTER
+            rec["kept"] = kept_by_loss(rec["last_layer_loss"]["logit_lens"]["mean"])
             if rec["kept"]:
                 token_norms[i] = tok_norms[:, sel].T.cpu()                 # [positions, L+1]
                 current = int(batch.last_studied()[b])

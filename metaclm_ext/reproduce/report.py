@@ -17,6 +17,7 @@ from ..paper import paper_numbers, paper_numbers_path
 from ..probe.corpora import PAPER_CORPUS_NAMES
 from ..probe.lens import layer_trend
 from ..probe.report import ratio_table
+from ..probe.norm_drops_report import markdown_lines as norm_drops_lines
 from .claims import judge_all, model_name
 from .provenance import commit, machine
 from .stages import PROBE_COLUMNS, SCALES, SETTINGS, STAGES
@@ -114,6 +115,15 @@ def _table1(records: dict, paper: dict, claims: list) -> list[str]:
                             "null sequence %", "with last layer: seq / pair %"], rows)
     figs = [_fig(s, h["files"], "norms", f"norms, {s}") for s, h in _done_probes(records)]
     return lines + [""] + figs + _claim_lines(claims, "Table 1 / Fig 5/8")
+
+
+def _table1_cause(records: dict) -> list[str]:
+    """Why Table 1's sequence level is what it is, from the table1_cause stage."""
+    lines = ["## Table 1 explained: where and why the norms drop", ""] + _absent(records, "table1_cause")
+    if records["table1_cause"]["status"] == "done":
+        h = records["table1_cause"]["headline"]
+        lines += norm_drops_lines(h, f"stages/table1_cause/{h['files']['figure']}")
+    return lines
 
 
 def _table2(records: dict, paper: dict) -> list[str]:
@@ -470,7 +480,8 @@ def write_report(out: Path, scale: str, cfgs: dict, records: dict, chosen: list)
         "",
     ]
     sections = [
-        ("Table 1", lambda: _table1(records, paper, claims)), ("Table 2", lambda: _table2(records, paper)),
+        ("Table 1", lambda: _table1(records, paper, claims)), ("Table 1 explained", lambda: _table1_cause(records)),
+        ("Table 2", lambda: _table2(records, paper)),
         ("Table 3", lambda: _table3(records, paper)), ("Figures 1 and 9", lambda: _clustering(records, claims)),
         ("Figures 2 and 11", lambda: _inner_loss(records, claims)),
         ("Figures 3 and 10", lambda: _attention(records, claims)),

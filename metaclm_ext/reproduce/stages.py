@@ -23,8 +23,10 @@ from ..finetune.exactness import check_run
 from ..finetune.same_article import AnalysisConfig, same_article_analysis
 from ..knn import evaluate_run
 from ..paper import paper_numbers
+from ..probe import norm_drops_report
 from ..probe import report as probe_report
 from ..probe.linear import synthetic_run
+from ..probe.norm_drops_run import run_norm_drops
 from ..probe.run import ProbeConfig, run_probe
 from ..recording import format_report as format_store_report
 from ..training import load_run, make_config
@@ -71,6 +73,9 @@ SETTINGS: dict[str, dict[str, tuple]] = {
     "probe_news": _probe_settings("news", "smollm2"),
     "probe_wikipedia_gemma3": _probe_settings("wikipedia", "gemma3-270m", samples=(16, 100)),
     "probe_news_gemma3": _probe_settings("news", "gemma3-270m", samples=(16, 100)),
+    # Why Table 1's sequence level is what it is: the tokens of probe_wikipedia (same model, corpus, samples).
+    "table1_cause": {k: v for k, v in _probe_settings("wikipedia", "smollm2").items()
+                     if k not in ("pca_samples", "linear_samples")},
     "appendix_b": {"epoch": (None, None), "max_samples": (50, 200)},
     # Beyond the paper: `metaclm finetune` at its defaults in --paper; in --quick 2 steps of 2 x 64 tokens
     # recording 3 layers (a minute or two on 2 CPU cores, mostly loading and saving the model).
@@ -191,6 +196,11 @@ def _probe(ctx: Context, cfg: dict, out: Path) -> dict:
             "linear": linear, "seconds": result["seconds"], "files": files}
 
 
+def _table1_cause(ctx: Context, cfg: dict, out: Path) -> dict:
+    result = run_norm_drops(ProbeConfig(**cfg), progress=ctx.progress)
+    return {**result, "files": norm_drops_report.write_outputs(result, out)}
+
+
 def _appendix_b(ctx: Context, cfg: dict, out: Path) -> dict:
     summary = synthetic_run(ctx.run_dir("train_table5"), cfg["epoch"], cfg["max_samples"])
     (out / "appendix_b.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -241,6 +251,8 @@ STAGES = [  # in an order that runs every stage after the stages it needs
     Stage("probe_news", (), _probe, "Tables 1, 3, Figures 7, 8 (1BW column)"),
     Stage("probe_wikipedia_gemma3", (), _probe, "Table 1, Figures 4, 5 (Wikitext-103 column), second stand-in"),
     Stage("probe_news_gemma3", (), _probe, "Table 1, Figures 7, 8 (1BW column), second stand-in"),
+    Stage("table1_cause", (), _table1_cause, "Table 1 explained: per-step norm drops, their sublayer, dominant "
+          "dimensions, tolerance, removal"),
     Stage("appendix_b", ("train_table5",), _appendix_b, "Appendix B, Proposition 1"),
     Stage("finetune_lm", (), _finetune_lm, "Beyond the paper: a real LM's fine-tuning history, exact and queried"),
 ]
