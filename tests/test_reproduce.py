@@ -96,6 +96,10 @@ def test_report_puts_the_papers_numbers_beside_ours(tiny):
     explained = text.index("## Table 1 explained")
     assert text.index("## Table 1:") < explained < text.index("## Table 2")
     assert f"| 0 | none (Table 1) | {ours['sequence_percent']:.1f} | {ours['pair_percent']:.1f} |" in text[explained:]
+    (table1,) = [c for c in report["claims"] if c["figure"] == "Table 1 / Fig 5/8"]
+    worst = cause["worst_steps"][0]
+    assert any(n.startswith(f"cause (stage table1_cause") and f"{worst['from_state']}->{worst['to_state']}" in n
+               for n in table1["notes"])
     # Table 2: synthetic sizes, ours from the written data beside the paper's.
     train_rows = len((out / "stages/data/small/train.jsonl").read_text().splitlines())
     assert f"| synthetic small train | **{train_rows:,}** | {paper['table2_data_sizes']['synthetic_small']['train']:,} |" in text

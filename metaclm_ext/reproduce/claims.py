@@ -138,6 +138,20 @@ def _analysed_claim(out: Path, stage: str, figure: str, analyses: dict) -> dict:
     return {k: judged[k] for k in ("verdict", "checks", "notes")}
 
 
+def norm_drop_notes(cause: dict | None) -> list[str]:
+    """The measured cause of Table 1's sequence level (stage table1_cause), beside the verdict; never counted."""
+    if cause is None:
+        return []
+    worst = cause["worst_steps"][0]
+    removed = [r for r in cause["removal"] if r["removed"]]
+    without = "; ".join(f"without dims {', '.join(map(str, r['dims']))}: {r['sequence_percent']:.1f}% / "
+                        f"{r['pair_percent']:.1f}%" for r in removed[:2])
+    sublayer = {"mlp": "its MLP", "attention": "its attention", None: "no token"}[worst["cause"]]
+    return [f"cause (stage table1_cause, {model_name(cause)}, every studied token; see 'Table 1 explained'): the "
+            f"worst step {worst['from_state']}->{worst['to_state']} keeps {worst['nondecreasing_percent']:.1f}% of "
+            f"tokens ({sublayer} drops the norm most); {without} (sequence / pair)"]
+
+
 def judge_all(records: dict, out) -> list[dict]:
     """[{figure, claim, verdict, checks, notes, stages}] for every claim in paper-numbers.json, in its order;
     ``out`` is the reproduce folder whose stages/<analyze stage>/analysis.json the synthetic claims are judged on."""
@@ -147,7 +161,8 @@ def judge_all(records: dict, out) -> list[dict]:
     probes = {n: done[n] for n in PROBE_COLUMNS if n in done}
     own = {
         "Fig 4/7": (lambda: (real_lm_inner_loss_checks(probes), []), list(PROBE_COLUMNS)),
-        "Table 1 / Fig 5/8": (lambda: (real_lm_norm_checks(probes), []), list(PROBE_COLUMNS)),
+        "Table 1 / Fig 5/8": (lambda: (real_lm_norm_checks(probes), norm_drop_notes(done.get("table1_cause"))),
+                              list(PROBE_COLUMNS)),
         "Appendix B": (lambda: appendix_b_checks(done.get("appendix_b"), probes), ["appendix_b", *PROBE_COLUMNS]),
     }
     out = []
