@@ -50,11 +50,12 @@ def check_scaled_range(field: str, step: int, max_abs: float, scale: float, dtyp
         return
     where = "above the largest finite" if scaled > info.max else "below the smallest normal"
     raise ValueError(
-        f"step {step}: field {field!r} has |value| up to {max_abs:.3e}, which with the field's scale {power_of_two(scale)} "
-        f"(chosen from its first recorded step) is {scaled:.3e}, {where} {dtype} value: the step is not "
-        f"recorded. Its values changed by more than float16 can hold from one scale (a learning rate that "
-        f"grows or decays by more than ~2^11 / 2^17 from the first recorded step, or diverging gradients): "
-        f"record the history with dtype float32 or bfloat16, which need no scale")
+        f"step {step}: field {field!r} has |value| up to {max_abs:.3e}, {scaled:.3e} times its store scale "
+        f"{power_of_two(scale)}: {where} {dtype} value, so the step is not recorded. A field's scale is fixed at "
+        f"its first step with a nonzero value (1 in a store recorded before scales existed), and float16 holds "
+        f"steps up to ~2^11 times larger and ~2^17 times smaller than that one (a learning-rate warmup or decay "
+        f"beyond that, or diverging gradients, do not fit): record the history with dtype float32 or bfloat16, "
+        f"which need no scale")
 
 
 def field_scale(attrs: Mapping, field: str) -> float:
