@@ -4,7 +4,9 @@ A small learning rate makes every error signal e_t of the tiny model below subno
 real LM, docs/recording.md), so storing e_t as it is loses 2-20 % of each value, while the scaled store
 rebuilds the float32 store's dual form to float16's relative rounding.
 """
+import runpy
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +192,12 @@ def test_a_scale_that_is_not_a_power_of_two_is_refused(scale):
 def test_recorder_refuses_attrs_that_are_its_own(tmp_path):
     with pytest.raises(ValueError, match="'value_scales' is the recorder's own"):
         HistoryRecorder(TwoLayer(), tmp_path / "h", MODULES, attrs={SCALES: {}})
+
+
+def test_error_scale_shares_script(recorded, capsys):
+    script = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "error_scale_shares.py"))
+    assert script["main"]([str(recorded / "fp32")]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"net.0.err", "net.2.err"}
+    for row in rows.values():  # unscaled: all subnormal, off by far more than the scaled float16 rounding
+        assert float(row[3]) == 1.0 and float(row[5]) > 10 * float(row[10]) and float(row[9]) == 0.0
