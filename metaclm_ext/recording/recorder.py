@@ -59,7 +59,7 @@ import torch
 from ..dtypes import HISTORY_DTYPE_NAMES
 from ..store import MANIFEST, HistoryStore, HistoryWriter
 from ..store.scales import SCALES, check_scaled_range, choose_scale, field_scale
-from .data_parallel import after_backward, averaged_over, recorded_model
+from .data_parallel import after_backward, averaged_over, largest_over_ranks, rank_group, recorded_model
 from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights, write_status
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
@@ -125,6 +125,7 @@ class HistoryRecorder:
         if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every <= 0:
             raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}")
         self._averaged_over = averaged_over(model)  # DDP's ranks (data_parallel.py); 1 without DDP
+        self._group = rank_group(model)
         self._noting = False  # an end-of-backward note of the gradients is queued (under DDP)
         self.errors, self.path, self._targets_from = bool(errors), Path(path), targets_from
         self.commit_every, self._uncommitted_steps = commit_every, 0
@@ -425,15 +426,16 @@ class HistoryRecorder:
 
     def _stored(self, rows: dict, number: int) -> dict:
         """The step's rows with each error field times its store scale, in the store's type. A field's
-        scale is chosen at its first step with a nonzero error (zeros are exact at any scale) and kept in
-        the store's attrs before any row it scales is written; a step that does not fit the field's scale
-        raises before anything of it is written."""
-        chosen, maxima = {}, {}
-        for spec in self.specs if self.errors else ():
-            field = spec.error_field
-            maxima[field] = float(rows[field].abs().amax()) if rows[field].numel() else 0.0
-            if field not in self._scales and maxima[field] > 0:
-                chosen[field] = choose_scale(maxima[field], self._history_dtype)
+        scale is chosen at its first step with a nonzero error (zeros are exact at any scale; under DDP
+        over all ranks' rows) and kept in the store's attrs before any row it scales is written; a step
+        that does not fit the field's scale raises before anything of it is written."""
+        fields = [spec.error_field for spec in self.specs] if self.errors else []
+        maxima = {f: float(rows[f].abs().amax()) if rows[f].numel() else 0.0 for f in fields}
+        choosing = maxima
+        if self._group is not None and any(f not in self._scales for f in fields):  # the same on every rank
+            device = self.specs[0].module.weight.device
+            choosing = dict(zip(fields, largest_over_ranks([maxima[f] for f in fields], self._group, device)))
+        chosen = {f: choose_scale(m, self._history_dtype) for f, m in choosing.items() if f not in self._scales and m > 0}
         scales = {**self._scales, **chosen}
         for field, max_abs in maxima.items():
             check_scaled_range(field, number, max_abs, scales.get(field, 1.0), self._history_dtype)
