@@ -201,3 +201,4 @@ def test_error_scale_shares_script(recorded, capsys):
     assert set(rows) == {"net.0.err", "net.2.err"}
     for row in rows.values():  # unscaled: all subnormal, off by far more than the scaled float16 rounding
         assert float(row[3]) == 1.0 and float(row[5]) > 10 * float(row[10]) and float(row[9]) == 0.0
+        assert 8 <= float(row[11]) < 65504 and float(row[12]) >= FLOAT16_TINY  # the steps fit the scale

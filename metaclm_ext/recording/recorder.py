@@ -102,7 +102,9 @@ class HistoryRecorder:
 
     ``modules``: a preset name ("gpt2", "llama", "gemma3") or module-name patterns (see
     :func:`~metaclm_ext.recording.modules.select_modules`). ``dtype``: the store's float type for the rows
-    ("float16", "bfloat16" or "float32"; the exactness check needs "float32"). ``columns``: extra int
+    ("float16", "bfloat16" or "float32"; the exactness check needs "float32"); each error field is stored
+    times a power-of-two scale that keeps float16 errors out of its subnormal range (store/scales.py, in
+    the store's attrs; readers divide by it with ``true_units``). ``columns``: extra int
     metadata columns {name: "int64"|"int32"}, given per micro-batch to :meth:`capture`. ``shard_rows``:
     rows per store shard (default: about 64 MiB of rows). ``attrs``: extra JSON run information for the
     store. ``targets_from(args, kwargs)`` gives a training forward's targets when :meth:`capture` does not
@@ -442,7 +444,7 @@ class HistoryRecorder:
         if chosen:
             self.writer.update_attrs({SCALES: scales})
             self._scales = scales
-        return {name: (values * scales.get(name, 1.0)).to(self._dtype) if name in maxima else values
+        return {name: values.mul_(scales.get(name, 1.0)).to(self._dtype) if name in maxima else values
                 for name, values in rows.items()}
 
     def _error_factors(self, opt: torch.optim.Optimizer, batches: list[_MicroBatch]) -> Optional[dict[str, float]]:
