@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .history_names import field_name, parse_module_key
 from .ops import dual_form_apply
 from .store import HistoryStore
+from .store.scales import true_units
 from .training import Run, cproj_modules, epoch_limits, load_checkpoint, load_run, make_batch
 
 EXACT_TOLERANCE = 1e-4
@@ -94,7 +95,8 @@ def dualcheck(run_dir, epoch: Optional[int] = None, history: Optional[Path] = No
         x, y = io[key]
         base = x.double() @ module0.weight.double() + module0.bias.double()
         inputs, errors = store[field_name(kind, l)], store[field_name(kind, l, "err")]
-        dual = dual_form_apply(x.float(), inputs, errors, limit=limit).double() + _error_sum(errors, limit)
+        dual = true_units(store.attrs, field_name(kind, l, "err"),
+                          dual_form_apply(x.float(), inputs, errors, limit=limit).double() + _error_sum(errors, limit))
         y = y.double()
         norm = float(y.norm())
         results.append({"layer": int(l), "module": kind, "queries": int(x.shape[0]),

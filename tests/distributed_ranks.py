@@ -26,6 +26,7 @@ import metaclm_ext  # noqa: E402
 from helpers import assert_selection_equal, dual_form_scale, label_mass_scale, small_ints  # noqa: E402
 from metaclm_ext import distributed as mdist  # noqa: E402
 from metaclm_ext.recording import HistoryRecorder  # noqa: E402
+from metaclm_ext.store.scales import true_units  # noqa: E402
 from metaclm_ext.store import HistoryStore  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
@@ -226,19 +227,23 @@ def on_cuda(rank, world, where):
 
 def ddp_recording(rank, world, where):
     """Each rank records its own store under DDP (gradient clipping that bites, 2 micro-batches with
-    no_sync on the first); the ranks' stores opened as one history give W_T - W_0 = sum of e_t x_t^T."""
-    for bucket_view in (False, True):
+    no_sync on the first); the ranks' stores opened as one history give W_T - W_0 = sum of e_t x_t^T.
+    A float16 recording (lr 1e-5: e_t subnormal unscaled) gets one error scale on all ranks, whose
+    errors differ in size, and gives the change to float16's rounding."""
+    for bucket_view, dtype, lr, tolerance in ((False, "float32", 0.1, 1e-5), (True, "float32", 0.1, 1e-5),
+                                              (False, "float16", 1e-5, 3e-3)):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
         start = model[0].weight.detach().double().clone(), model[0].bias.detach().double().clone()
         ddp = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
-        folder = where["out"] / f"ddp-{int(bucket_view)}"
-        recorder = HistoryRecorder(ddp, folder / f"rank{rank}", modules=["0"], dtype="float32")
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        folder = where["out"] / f"ddp-{int(bucket_view)}-{dtype}"
+        recorder = HistoryRecorder(ddp, folder / f"rank{rank}", modules=["0"], dtype=dtype)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(100 + rank)
         for _ in range(3):
             for micro in range(2):
-                x, t = torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 3, generator=gen)
+                x = torch.randn(2, 5, 4, generator=gen, dtype=torch.float64)
+                t = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
                 with ddp.no_sync() if micro == 0 else contextlib.nullcontext():
                     with recorder.capture(targets=torch.zeros(2, 5, dtype=torch.long)):
                         (((ddp(x) - t) ** 2).sum() * (1 + rank) / 2).backward()
@@ -251,11 +256,14 @@ def ddp_recording(rank, world, where):
         history = mdist.open_ranks([folder / f"rank{r}" for r in range(world)])
         spec = recorder.specs[0]
         inputs, errors = history[spec.input_field], history[spec.error_field]
-        delta = metaclm_ext.dual_form_apply(torch.eye(4), inputs, errors).double().T  # [out, in]
+        delta = true_units(history.attrs, spec.error_field,
+                           metaclm_ext.dual_form_apply(torch.eye(4), inputs, errors).double().T)  # [out, in]
         change = model[0].weight.detach().double() - start[0]
-        assert float((delta - change).norm() / change.norm()) < 1e-5, (delta, change)
-        bias = errors.read().double().sum(0)
-        assert float((bias - (model[0].bias.detach().double() - start[1])).norm() / bias.norm()) < 1e-5
+        assert float((delta - change).norm() / change.norm()) < tolerance, (delta, change)
+        bias = true_units(history.attrs, spec.error_field, errors.read().double().sum(0))
+        assert float((bias - (model[0].bias.detach().double() - start[1])).norm() / bias.norm()) < tolerance
+        scale = history.attrs["value_scales"][spec.error_field]  # open_ranks checked that the ranks agree
+        assert scale == 1.0 if dtype == "float32" else scale >= 2.0**10
 
 
 MAIN = [integers_uneven, integers_fp16_small_chunks, random_floats, random_floats_every_scan, offsets_out_of_rank_order,

@@ -229,5 +229,10 @@ def test_open_ranks_refuses_stores_that_disagree(tmp_path):
         w.append({"y": np.zeros((2, 6), np.float16), "step": np.array([0, 1])})
     with pytest.raises(ValueError, match="must record the same modules"):
         open_ranks([paths[0], tmp_path / "other"])
+    with HistoryWriter.resume(paths[1]) as w:
+        w.update_attrs({"value_scales": {"x": 2.0**10}})
+    with pytest.raises(ValueError, match=r"stores its fields times \{'x': 1024.0\}, but .* times \{'x': 1.0\}"):
+        open_ranks(paths)
+    assert open_ranks([paths[1], paths[1]]).attrs["value_scales"] == {"x": 2.0**10}
     with pytest.raises(TypeError, match="list of store paths"):
         open_ranks(str(paths[0]))

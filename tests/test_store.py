@@ -125,6 +125,24 @@ def test_flush_commits_and_a_second_writer_is_refused(tmp_path, gen):
     HistoryWriter.resume(path).close()  # the lock is released
 
 
+def test_update_attrs_commits_the_attrs_and_keeps_the_buffered_rows(tmp_path, gen):
+    path = tmp_path / "s"
+    with HistoryWriter.create(path, fields={"x": (2, "float32")}, columns={"step": "int64"}, shard_rows=100,
+                              attrs={"run": "t", "n": 1}) as w:
+        w.append({"x": torch.ones(3, 2), "step": [0, 1, 2]})
+        w.update_attrs({"n": 2, "value_scales": {"x": 0.5}})
+        assert HistoryStore(path).attrs == {"run": "t", "n": 2, "value_scales": {"x": 0.5}}
+        assert len(HistoryStore(path)) == 0  # the rows stay buffered
+        with pytest.raises(ValueError, match="attrs must be JSON-serialisable"):
+            w.update_attrs({"bad": float("nan")})
+        with pytest.raises(TypeError, match="attrs must be a dict"):
+            w.update_attrs([("n", 3)])
+    with HistoryWriter.resume(path) as w:
+        w.append({"x": torch.ones(1, 2), "step": [3]})
+    store = HistoryStore(path)
+    assert len(store) == 4 and store.attrs == {"run": "t", "n": 2, "value_scales": {"x": 0.5}}
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

@@ -26,6 +26,7 @@ import torch
 
 from ..ops import Selection, dual_form_apply, history_topk
 from ..store import HistoryStore
+from ..store.scales import true_units
 from .run import RecordedModule
 
 
@@ -71,10 +72,10 @@ def read_rows(store: HistoryStore, field: str, rows: torch.Tensor) -> torch.Tens
 
 
 def selection_contribution(store: HistoryStore, field: str, selection: Selection) -> torch.Tensor:
-    """C_S = sum_{t in S} e_t w_t per (query, head): float64 [Q, H, D_out]."""
+    """C_S = sum_{t in S} e_t w_t per (query, head), in true units: float64 [Q, H, D_out]."""
     q, h, k = selection.indices.shape
     errors = read_rows(store, field, selection.indices.reshape(-1)).double().reshape(q, h, k, -1)
-    return (errors * selection.values.double()[..., None]).sum(2)
+    return true_units(store.attrs, field, (errors * selection.values.double()[..., None]).sum(2))
 
 
 def share(part: torch.Tensor, total: torch.Tensor) -> Share:
@@ -100,6 +101,7 @@ def retrieve(store: HistoryStore, rows_store: HistoryStore, module: RecordedModu
     found = history_topk(queries, store[module.input_field], k, limit=limit, heads=heads, chunk_rows=chunk_rows)
     total = dual_form_apply(head_masked(queries, heads), store[module.input_field], store[module.error_field],
                             limit=limit, chunk_rows=chunk_rows).double().reshape(n, heads, -1)
+    total = true_units(store.attrs, module.error_field, total)
     return ModuleRetrieval(
         module, heads, found.top, found.last, total.norm(dim=-1),
         share(selection_contribution(rows_store, module.error_field, found.top), total),

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 
 from ..store import HistoryStore
+from ..store.scales import SCALES, field_scale, power_of_two
 
 
 def describe(store: HistoryStore) -> list[str]:
-    """Lines describing a store: rows, fields, columns, shards, size on disk, run attributes."""
+    """Lines describing a store: rows, fields, columns, shards, size on disk, value scales, run attributes."""
     lines = [
         f"store      {store.path}",
         f"rows       {len(store):,}",
@@ -16,7 +17,10 @@ def describe(store: HistoryStore) -> list[str]:
     ]
     lines += [f"field      {name}: [{len(store):,}, {width}] {dtype}" for name, (width, dtype) in store.fields.items()]
     lines += [f"column     {name}: [{len(store):,}] {dtype}" for name, dtype in store.columns.items()]
-    lines += [f"attr       {key} = {value!r}" for key, value in store.attrs.items()]
+    attrs = store.attrs
+    lines += [f"scale      {name}: {power_of_two(field_scale(attrs, name))} (stored = true value x scale)"
+              for name in attrs.get(SCALES, {})]
+    lines += [f"attr       {key} = {value!r}" for key, value in attrs.items() if key != SCALES]
     return lines
 
 

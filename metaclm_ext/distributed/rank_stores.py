@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..store import HistoryStore
+from ..store.scales import SCALES, field_scale
 from ..stream import DEFAULT_CHUNK_BYTES
 
 __all__ = ["RankStores", "RankField", "open_ranks"]
@@ -135,6 +136,11 @@ class RankStores:
             if layout != names[0]:
                 raise ValueError(f"{store.path} has fields/columns {layout}, but {stores[0].path} has {names[0]}: "
                                  "the ranks must record the same modules")
+        scales = [{f: field_scale(s.attrs, f) for f in s.fields} for s in stores]
+        for store, theirs in zip(stores[1:], scales[1:]):
+            if theirs != scales[0]:
+                raise ValueError(f"{store.path} stores its fields times {theirs}, but {stores[0].path} times "
+                                 f"{scales[0]} (attrs {SCALES!r}): the ranks' rows cannot be read as one history")
         if STEP not in stores[0]:
             raise ValueError(f"{stores[0].path} has no {STEP!r} column to order the ranks' rows by")
         self.stores = stores
@@ -158,6 +164,11 @@ class RankStores:
     @property
     def columns(self) -> dict:
         return self.stores[0].columns
+
+    @property
+    def attrs(self) -> dict:
+        """Rank 0's store's attrs (every rank's field scales are the same): for ``true_units``."""
+        return self.stores[0].attrs
 
     def __getitem__(self, name: str) -> RankField:
         return RankField(self, name)  # a name the stores lack raises their KeyError

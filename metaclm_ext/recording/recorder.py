@@ -58,7 +58,8 @@ import torch
 
 from ..dtypes import HISTORY_DTYPE_NAMES
 from ..store import MANIFEST, HistoryStore, HistoryWriter
-from .data_parallel import after_backward, averaged_over, recorded_model
+from ..store.scales import SCALES, check_scaled_range, choose_scale, field_scale
+from .data_parallel import after_backward, averaged_over, largest_over_ranks, rank_group, recorded_model
 from .files import STATUS, WEIGHTS_END, WEIGHTS_START, read_status, save_weights, write_status
 from .modules import ModuleSpec, Selector, select_modules
 from .optimizer import learning_rate, not_plain_sgd, param_groups_by_id, unwrap_optimizer
@@ -101,7 +102,9 @@ class HistoryRecorder:
 
     ``modules``: a preset name ("gpt2", "llama", "gemma3") or module-name patterns (see
     :func:`~metaclm_ext.recording.modules.select_modules`). ``dtype``: the store's float type for the rows
-    ("float16", "bfloat16" or "float32"; the exactness check needs "float32"). ``columns``: extra int
+    ("float16", "bfloat16" or "float32"; the exactness check needs "float32"); each error field is stored
+    times a power-of-two scale that keeps float16 errors out of its subnormal range (store/scales.py, in
+    the store's attrs; readers divide by it with ``true_units``). ``columns``: extra int
     metadata columns {name: "int64"|"int32"}, given per micro-batch to :meth:`capture`. ``shard_rows``:
     rows per store shard (default: about 64 MiB of rows). ``attrs``: extra JSON run information for the
     store. ``targets_from(args, kwargs)`` gives a training forward's targets when :meth:`capture` does not
@@ -124,6 +127,7 @@ class HistoryRecorder:
         if isinstance(commit_every, bool) or not isinstance(commit_every, int) or commit_every <= 0:
             raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}")
         self._averaged_over = averaged_over(model)  # DDP's ranks (data_parallel.py); 1 without DDP
+        self._group = rank_group(model)
         self._noting = False  # an end-of-backward note of the gradients is queued (under DDP)
         self.errors, self.path, self._targets_from = bool(errors), Path(path), targets_from
         self.commit_every, self._uncommitted_steps = commit_every, 0
@@ -146,8 +150,11 @@ class HistoryRecorder:
                      "modules": [s.describe() for s in self.specs],
                      "files": {"weights_start": WEIGHTS_START, "weights_end": WEIGHTS_END, "status": STATUS}}
         attrs = dict(attrs or {})
-        if "recording" in attrs:
-            raise ValueError("attrs key 'recording' is the recorder's own: choose another name")
+        for key in ("recording", SCALES):
+            if key in attrs:
+                raise ValueError(f"attrs key {key!r} is the recorder's own: choose another name")
+        self._history_dtype = dtype
+        self._scales: dict[str, float] = {}  # error field -> its store scale, once chosen (store/scales.py)
         self._last_step, self._next_sequence = -1, 0
         exists = (self.path / MANIFEST).exists()
         if resume_at_step is not None and (not resume or not exists):
@@ -162,7 +169,7 @@ class HistoryRecorder:
                 row_bytes = sum(w for w, _ in fields.values()) * self._dtype.itemsize + 8 * len(columns_spec)
                 shard_rows = max(1, min(MAX_SHARD_ROWS, SHARD_BYTES // row_bytes))
             self.writer = HistoryWriter.create(self.path, fields, columns_spec, shard_rows=shard_rows,
-                                               attrs={**attrs, "recording": recording})
+                                               attrs={**attrs, "recording": recording, SCALES: {}})
             self.status = {"exact": True, "reasons": [], "optimizer": None,
                            "errors": ERROR_DEFINITION if self.errors else None, "committed_rows": 0,
                            "closed": False}
@@ -204,6 +211,10 @@ class HistoryRecorder:
             if last != at_step - 1:
                 raise ValueError(f"the store at {self.path} ends at step {last}, so it cannot continue at step "
                                  f"{at_step}: steps {last + 1}..{at_step - 1} were never committed")
+        if SCALES in store.attrs:
+            self._scales = {f: field_scale(store.attrs, f) for f in store.attrs[SCALES]}
+        else:  # recorded before stores had scales: its errors are unscaled, and so must the rest be
+            self._scales = {s.error_field: 1.0 for s in self.specs} if self.errors else {}
         if n:
             self._last_step = int(store.read("step", n - 1, n)[0])
             self._next_sequence = int(store.read("sequence", n - 1, n)[0]) + 1
@@ -368,14 +379,14 @@ class HistoryRecorder:
         for event in self._copies:
             event.synchronize()
         self._copies = []
-        scales = self._error_scales(opt, batches) if self.errors else {}
+        factors = self._error_factors(opt, batches) if self.errors else {}
         self._noted, self._noting = {}, False  # also after a backward that raised before its callbacks ran
-        rows = self._rows(batches, number, scales) if scales is not None else None
+        rows = self._rows(batches, number, factors) if factors is not None else None
         if rows is None:
             warnings.warn("HistoryRecorder: a recorded gradient is not finite; the step's rows are dropped (a grad "
                           "scaler skips this optimizer step)")
             return None
-        self.writer.append(rows)
+        self.writer.append(self._stored(rows, number))
         self._last_step = number
         self._next_sequence += sum(b.rows.batch_size for b in batches)
         self._uncommitted_steps += 1
@@ -392,9 +403,8 @@ class HistoryRecorder:
             self.status = {**self.status, "committed_rows": self.writer.committed_rows}
             write_status(self.path, self.status)
 
-    def _rows(self, batches: list[_MicroBatch], number: int, scales: dict[str, float]) -> Optional[dict]:
-        """The step's rows, e_t scaled in fp64 and cast to the store's type; None if an error is not finite
-        in that type."""
+    def _rows(self, batches: list[_MicroBatch], number: int, factors: dict[str, float]) -> Optional[dict]:
+        """The step's rows, e_t in fp64 (see :meth:`_stored`); None if an error is not finite."""
         columns = {c: [] for c in (*BASE_COLUMNS, *self.user_columns)}
         sequence = self._next_sequence
         for index, batch in enumerate(batches):
@@ -410,13 +420,34 @@ class HistoryRecorder:
             rows[spec.input_field] = torch.cat([b.inputs[spec.name] for b in batches])
             if self.errors:
                 grads = [sum(b.grads[spec.name][1:], b.grads[spec.name][0]) for b in batches]
-                errors = torch.cat(grads).double() * scales[spec.name]
-                if not bool(errors.abs().amax() <= torch.finfo(self._dtype).max):  # NaN fails too
+                errors = torch.cat(grads).double() * factors[spec.name]
+                if not bool(torch.isfinite(errors).all()):
                     return None
-                rows[spec.error_field] = errors.to(self._dtype)
+                rows[spec.error_field] = errors
         return rows
 
-    def _error_scales(self, opt: torch.optim.Optimizer, batches: list[_MicroBatch]) -> Optional[dict[str, float]]:
+    def _stored(self, rows: dict, number: int) -> dict:
+        """The step's rows with each error field times its store scale, in the store's type. A field's
+        scale is chosen at its first step with a nonzero error (zeros are exact at any scale; under DDP
+        over all ranks' rows) and kept in the store's attrs before any row it scales is written; a step
+        that does not fit the field's scale raises before anything of it is written."""
+        fields = [spec.error_field for spec in self.specs] if self.errors else []
+        maxima = {f: float(rows[f].abs().amax()) if rows[f].numel() else 0.0 for f in fields}
+        choosing = maxima
+        if self._group is not None and any(f not in self._scales for f in fields):  # the same on every rank
+            device = self.specs[0].module.weight.device
+            choosing = dict(zip(fields, largest_over_ranks([maxima[f] for f in fields], self._group, device)))
+        chosen = {f: choose_scale(m, self._history_dtype) for f, m in choosing.items() if f not in self._scales and m > 0}
+        scales = {**self._scales, **chosen}
+        for field, max_abs in maxima.items():
+            check_scaled_range(field, number, max_abs, scales.get(field, 1.0), self._history_dtype)
+        if chosen:
+            self.writer.update_attrs({SCALES: scales})
+            self._scales = scales
+        return {name: values.mul_(scales.get(name, 1.0)).to(self._dtype) if name in maxima else values
+                for name, values in rows.items()}
+
+    def _error_factors(self, opt: torch.optim.Optimizer, batches: list[_MicroBatch]) -> Optional[dict[str, float]]:
         """{module: -(lr * c)} (or -lr where the update is not plain SGD), updating the exactness status;
         None when a gradient sample is not finite."""
         groups = param_groups_by_id(opt)
@@ -436,7 +467,7 @@ class HistoryRecorder:
                 measured += list(scale_fit(self._noted[id(param)], grad_sample(param.grad)))
             measured += [b.dropped_max[spec.name] for b in batches if spec.name in b.dropped_max]
         values = iter(_host_floats(measured))
-        scales, reasons, raw = {}, [], False
+        factors, reasons, raw = {}, [], False
         for spec in self.specs:
             coefficients, lrs = [], []
             for param in self._params(spec):
@@ -452,9 +483,9 @@ class HistoryRecorder:
             reason = not_plain_sgd(opt, groups[id(spec.module.weight)])
             if reason is not None:
                 reasons.append(f"{reason}: its update is not a sum of the errors, recorded as -lr * dL/dy")
-                scales[spec.name], raw = -lrs[0], True
+                factors[spec.name], raw = -lrs[0], True
                 continue
-            scales[spec.name] = -lrs[0] * coefficients[0]
+            factors[spec.name] = -lrs[0] * coefficients[0]
             # Reasons name no per-step numbers, so that each is recorded once, however many steps show it.
             mismatch = abs(coefficients[-1] - coefficients[0]) > SCALE_MISMATCH * coefficients[0]
             if len(lrs) == 2 and (lrs[1] != lrs[0] or mismatch):
@@ -464,7 +495,7 @@ class HistoryRecorder:
                 reasons.append(f"positions without a target carry a nonzero error at {spec.name} (e.g. prompt "
                                "masking): the weight change includes rows that are not recorded")
         self._update_status(reasons, type(opt).__name__, RAW_ERROR_DEFINITION if raw else ERROR_DEFINITION)
-        return scales
+        return factors
 
     def _update_status(self, reasons: list[str], optimizer: str, errors: str) -> None:
         """Record new reasons for inexactness (before the step's rows are committed: a crash in between

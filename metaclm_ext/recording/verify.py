@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from .. import HistoryStore, dual_form_apply
+from ..store.scales import true_units
 from .files import WEIGHTS_END, WEIGHTS_START, load_weights, read_status
 
 TOLERANCE = 1e-5
@@ -88,7 +89,7 @@ def _check_module(store: HistoryStore, module: dict, x: torch.Tensor, start: dic
     else:  # conv1d: W [in, out]
         change, output = x @ delta, x @ weight
     inputs, errors = store[module["input_field"]], store[module["error_field"]]
-    dual = dual_form_apply(x.float(), inputs, errors).double()
+    dual = true_units(store.attrs, module["error_field"], dual_form_apply(x.float(), inputs, errors).double())
     result = {"module": name, "input_field": module["input_field"], "error_field": module["error_field"],
               "queries": int(x.shape[0]), "relative_error": _relative(dual - change, change),
               "change": float(change.norm() / output.norm()) if output.norm() > 0 else 0.0,
@@ -98,6 +99,7 @@ def _check_module(store: HistoryStore, module: dict, x: torch.Tensor, start: dic
         error_sum = torch.zeros(module["out_features"], dtype=torch.float64)
         for _, rows in errors.iter_chunks():
             error_sum += rows.double().sum(0)
+        error_sum = true_units(store.attrs, module["error_field"], error_sum)
         result["bias_relative_error"] = _relative(error_sum - bias_change, bias_change)
     return result
 

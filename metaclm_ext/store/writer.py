@@ -91,11 +91,7 @@ class HistoryWriter:
         specs = check_specs(fields, columns or {})
         if check_int("shard_rows", shard_rows) <= 0:
             raise ValueError(f"shard_rows must be positive, got {shard_rows}")
-        attrs = dict(attrs or {})
-        try:
-            json.dumps(attrs, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"attrs must be JSON-serialisable ({exc})") from None
+        attrs = _checked_attrs(dict(attrs or {}))
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -211,6 +207,16 @@ class HistoryWriter:
             self._buffers[name][: n - full_rows] = r[full_rows:]
         self._buffered, self._open_committed = n - full_rows, 0
 
+    def update_attrs(self, attrs: Mapping) -> None:
+        """Set the keys of ``attrs`` (JSON-serialisable) in the store's attrs and commit them now, with the
+        rows committed so far (buffered rows stay buffered)."""
+        self._check_open()
+        if not isinstance(attrs, Mapping):
+            raise TypeError(f"attrs must be a dict, got {type(attrs).__name__}")
+        manifest = {**self._manifest, "attrs": _checked_attrs({**self._manifest.get("attrs", {}), **attrs})}
+        write_manifest(self.path, manifest)
+        self._manifest = manifest
+
     def flush(self) -> None:
         """Commit the buffered rows now (as a partial shard, rewritten whole when it fills up)."""
         self._check_open()
@@ -304,6 +310,14 @@ class HistoryWriter:
         if replaced is not None:
             for entry in replaced["files"].values():
                 (self.path / entry["path"]).unlink(missing_ok=True)
+
+
+def _checked_attrs(attrs: dict) -> dict:
+    try:
+        json.dumps(attrs, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"attrs must be JSON-serialisable ({exc})") from None
+    return attrs
 
 
 def _check_empty(root: Path) -> None:
