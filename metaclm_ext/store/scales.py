@@ -42,20 +42,21 @@ def choose_scale(max_abs: float, dtype: str) -> float:
 
 def check_scaled_range(field: str, step: int, max_abs: float, scale: float, dtype: str) -> None:
     """ValueError unless a step whose largest |value| of ``field`` is ``max_abs`` fits ``dtype`` with
-    ``scale``: not above its largest finite value, and (if not 0) not below its smallest normal one,
-    where every value of the step would lose relative precision."""
-    info = torch.finfo(HISTORY_DTYPE_NAMES[dtype])
+    ``scale``: not above its largest finite value (it would be stored as inf).
+
+    A step far below the scale (the tail of a learning-rate decay to 0) is recorded: its values fall under
+    the smallest normal value and are rounded to the fixed step 2^-24 / scale, an absolute error at most
+    2^-28 of the first step's largest value, so its share of a dual-form sum stays as exact as the rest."""
     scaled = max_abs * scale
-    if scaled <= info.max and (scaled == 0 or scaled >= info.tiny):
+    if scaled <= torch.finfo(HISTORY_DTYPE_NAMES[dtype]).max:
         return
-    where = "above the largest finite" if scaled > info.max else "below the smallest normal"
     raise ValueError(
         f"step {step}: field {field!r} has |value| up to {max_abs:.3e}, {scaled:.3e} times its store scale "
-        f"{power_of_two(scale)}: {where} {dtype} value, so the step is not recorded. A field's scale is fixed at "
-        f"its first step with a nonzero value (1 in a store recorded before scales existed), and float16 holds "
-        f"steps up to ~2^11 times larger and ~2^17 times smaller than that one (a learning-rate warmup or decay "
-        f"beyond that, or diverging gradients, do not fit): record the history with dtype float32 or bfloat16, "
-        f"which need no scale")
+        f"{power_of_two(scale)}: above the largest finite {dtype} value, so the step is not recorded. A field's "
+        f"scale is fixed at its first step with a nonzero value (1 in a store recorded before scales existed), "
+        f"and float16 holds steps up to ~2^11 times larger than that one (a learning-rate warmup beyond that, or "
+        f"diverging gradients, do not fit): record the history with dtype float32 or bfloat16, which need no "
+        f"scale")
 
 
 def field_scale(attrs: Mapping, field: str) -> float:
