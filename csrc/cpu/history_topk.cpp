@@ -11,9 +11,9 @@
 //   scored again in fp32 (topk/int8_bound.h, int8_row_screen.h, query_vector_int8_screen.h).
 // Scans the build's ISA lacks (topk/isa.h) leave their heads to the row-vector scan.
 // Threads split the rows into ranges of equal work (topk/thread_split.h), keep private selections seeded
-// with the incoming state's floors, and merge
-// them into the state's heaps at the end under the total order (key desc, row asc), so the result
-// depends neither on the number of threads nor on the chunking (topk/selection.h).
+// with the incoming state's floors, and merge them into the state's heaps at the end under the total
+// order (key desc, row asc), so the result depends neither on the number of threads nor on the chunking
+// (topk/selection.h).
 // The headers in topk/ are parts of this one translation unit: their code has internal linkage, as in
 // a single file, so the compiler inlines and specialises the kernels as freely.
 #include <ATen/Parallel.h>
