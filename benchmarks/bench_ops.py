@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import metaclm_ext
-from metaclm_ext import baselines
+from metaclm_ext import baselines, reference
 
 K = 10
 
@@ -39,6 +39,21 @@ def test_topk_attn_faiss(benchmark, attn_data):
     out = benchmark(baselines.faiss_topk, queries, indexes, K)
     ours = metaclm_ext.history_topk(queries, history, K)
     assert torch.allclose(ours.top.values[:, 0], torch.from_numpy(out[0][0][0]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.benchmark(group="history_topk attn per-checkpoint limits")
+def test_topk_attn_checkpoint_limits(benchmark, attn_data):
+    """The analysis' shape: the queries of 30 checkpoints together, each group limited to the rows
+    recorded up to its checkpoint (scripts/bench_table.py --analysis-only at the paper's size)."""
+    _, history = attn_data
+    checkpoints, per = 30, 20
+    queries = torch.randn(checkpoints * per, 8, 8, generator=torch.Generator().manual_seed(3))
+    limit = torch.arange(1, checkpoints + 1).mul(history.shape[0]).div(checkpoints, rounding_mode="floor")
+    limit = limit.repeat_interleave(per)
+    res = benchmark(metaclm_ext.history_topk, queries, history, K, limit=limit)
+    want = reference.history_topk_reference(queries, history, K, limit=limit)
+    _same_top_values(res.top, want.top.values)
+    _same_top_values(res.last, want.last.values)
 
 
 @pytest.mark.benchmark(group="history_topk ffn D=128 fp16")

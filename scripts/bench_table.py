@@ -12,6 +12,7 @@ of time against N under benchmarks/results/.
     python scripts/bench_table.py --quick         # small sizes, a few minutes
     python scripts/bench_table.py --only history_label_mass   # one op's workloads
     python scripts/bench_table.py --store-rows 50000000 --store-only   # 50M rows streamed from a store on disk
+    python scripts/bench_table.py --analysis-only    # per-checkpoint limits, the shape of `metaclm analyze`
 """
 from __future__ import annotations
 
@@ -62,6 +63,21 @@ def workloads(quick: bool) -> list[dict]:
     return grid
 
 
+def analysis_workloads(quick: bool) -> list[dict]:
+    """history_topk as `metaclm analyze` calls it on the table5 paper run: the validation queries of 174
+    checkpoints (200 each) together, each limited to the rows recorded up to its checkpoint (equal steps
+    here), beside the same history with the 200 queries of the last checkpoint alone."""
+    rows, checkpoints = (30_000, 30) if quick else (300_000, 174)
+    attn = dict(op="history_topk", kind="attn-limits", rows=rows, heads=8, head_dim=8, dtype="float16")
+    return [dict(attn, queries=200 * checkpoints, checkpoints=checkpoints), dict(attn, queries=200, checkpoints=1)]
+
+
+def checkpoint_limits(rows: int, queries: int, checkpoints: int) -> torch.Tensor:
+    """Per-query limits: `checkpoints` equal groups of queries, group g limited to (g + 1) / checkpoints of the rows."""
+    per = queries // checkpoints
+    return torch.arange(1, checkpoints + 1).mul(rows).div(checkpoints, rounding_mode="floor").repeat_interleave(per)
+
+
 def write_store(path: str, rows: int, width: int, dtype: str, block: int = 1 << 20) -> None:
     """A HistoryStore of random rows, written block by block (memory stays at one block)."""
     gen = torch.Generator().manual_seed(0)
@@ -95,7 +111,12 @@ def run(w: dict, max_baseline_rows: int) -> dict:
     history = torch.randn(n, width, generator=gen).to(DTYPES[w["dtype"]])
     queries = torch.randn(nq, w["heads"], w["head_dim"], generator=gen)
     itemsize = history.element_size()
-    if w["op"] == "history_topk":
+    if w["op"] == "history_topk" and "checkpoints" in w:  # per-query limits: only rows below them are work
+        limit = checkpoint_limits(n, nq, w["checkpoints"])
+        ours = lambda: metaclm_ext.history_topk(queries, history, K, limit=limit)  # noqa: E731
+        candidates = {}
+        nbytes, flops = n * width * itemsize, 2.0 * width * float(limit.sum())
+    elif w["op"] == "history_topk":
         ours = lambda: metaclm_ext.history_topk(queries, history, K)  # noqa: E731
         candidates = {"torch": lambda: baselines.torch_topk(queries, history, K)}
         nbytes, flops = topk_work(n, width, itemsize, nq)
@@ -121,7 +142,7 @@ def run(w: dict, max_baseline_rows: int) -> dict:
     if n <= max_baseline_rows:
         for name, fn in candidates.items():
             out["baselines"][name] = baselines.best_time(fn, repeat, BASELINE_BUDGET_S)
-        if w["op"] == "history_topk":
+        if w["op"] == "history_topk" and "checkpoints" not in w:
             indexes = baselines.faiss_indexes(history, w["heads"])
             out["baselines"]["faiss"] = baselines.best_time(lambda: baselines.faiss_topk(queries, indexes, K), repeat,
                                                             BASELINE_BUDGET_S)
@@ -149,23 +170,32 @@ def main() -> int:
                          "(e.g. 50000000 = 6.4 GB fp16; written once under --store-dir)")
     ap.add_argument("--store-only", action="store_true",
                     help="run only the --store-rows workload (results in cpu-store.json)")
+    ap.add_argument("--analysis-only", action="store_true",
+                    help="run only history_topk with per-checkpoint limits, the shape of `metaclm analyze` "
+                         "(results in cpu-analysis.json)")
     ap.add_argument("--store-dir", default=os.path.join(HERE, "..", "runs", "bench-store"),
                     help="where the benchmark store lives (default runs/bench-store, git-ignored)")
     args = ap.parse_args()
 
     info = machine()
+    load_before = os.getloadavg()  # recorded: on shared cores the times depend on it
     print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}")
     # The rates are measured before every workload and the highest of the run is kept: the machine's
     # speed drifts (a shared VM), and the highest rate gives the strictest limit.
     read_gbps, gflops = 0.0, 0.0
     rows = []
-    grid = [] if args.store_only else [w for w in workloads(args.quick) if args.only in (None, w["op"])]
+    if args.analysis_only:
+        grid = analysis_workloads(args.quick)
+    else:
+        grid = [] if args.store_only else [w for w in workloads(args.quick) if args.only in (None, w["op"])]
     if args.store_rows:
         grid.append(dict(op="history_topk", kind="attn-store", rows=args.store_rows, queries=200, heads=8, head_dim=8,
                          dtype="float16"))
     for i, w in enumerate(grid):
         read_gbps, gflops = max(read_gbps, baselines.memory_read_gbps()), max(gflops, baselines.sgemm_gflops())
         label = f"{w['kind']} N={w['rows']:,} Q={w['queries']} {w['dtype']}"
+        if "checkpoints" in w:
+            label += f" ({w['checkpoints']} limit{'s' if w['checkpoints'] > 1 else ''})"
         print(f"[{i + 1}/{len(grid)}] {w['op']} {label} ...", end=" ", flush=True)
         if w["kind"] == "attn-store":
             r = run_store(w, os.path.join(args.store_dir, f"attn-{w['rows']}"))
@@ -193,14 +223,15 @@ def main() -> int:
 
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = "cpu-store" if args.store_only else ("cpu-quick" if args.quick else "cpu")
+    name = ("cpu-analysis" if args.analysis_only else "cpu-store" if args.store_only else
+            "cpu-quick" if args.quick else "cpu")
     result = {"machine": info, "memory_read_gbps": read_gbps, "sgemm_gflops": gflops, "k": K,
-              "when": stamp, "results": rows}
+              "when": stamp, "load_average": {"before": load_before[0], "after": os.getloadavg()[0]}, "results": rows}
     path = os.path.join(args.out, f"{name}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {os.path.relpath(path)}")
-    if not args.store_only and any(r["op"] == "history_topk" for r in rows):
+    if not (args.store_only or args.analysis_only) and any(r["op"] == "history_topk" for r in rows):
         plot(rows, os.path.join(args.out, f"{name}-time-vs-n.png"), info)
     return 0
 

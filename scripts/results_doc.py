@@ -1,7 +1,7 @@
 """Write docs/benchmarks.md from the committed benchmark results (benchmarks/results/*.json).
 
 The page is generated, never edited by hand, so its numbers are exactly those of the runs that wrote the
-JSON (`python scripts/bench_table.py`, `... --store-rows 50000000 --store-only`). tests/test_docs.py
+JSON (`python scripts/bench_table.py`, `... --analysis-only`, `... --store-rows 50000000 --store-only`). tests/test_docs.py
 fails when the page and the JSON disagree.
 
     python scripts/results_doc.py            # rewrites docs/benchmarks.md
@@ -28,8 +28,10 @@ def _seconds(value) -> str:
 
 def _machine_line(run: dict) -> str:
     m = run["machine"]
+    load = run.get("load_average")  # recorded since the per-checkpoint workloads, run on shared cores
     return (f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, Python {m['python']}; run {run['when']}; "
-            f"measured memory read {run['memory_read_gbps']:.1f} GB/s, sgemm {run['sgemm_gflops']:.0f} GFLOP/s")
+            f"measured memory read {run['memory_read_gbps']:.1f} GB/s, sgemm {run['sgemm_gflops']:.0f} GFLOP/s"
+            + (f"; 1-minute load average {load['before']:.1f} before, {load['after']:.1f} after" if load else ""))
 
 
 def _result_rows(run: dict) -> list[list[str]]:
@@ -54,12 +56,15 @@ def render() -> str:
         "during the run (the highest seen, the strictest limit). torch = scoring every row; torch-linear =",
         "by linearity, as our label mass and dual form; — = not run or not applicable (FAISS has no sum over",
         "all rows; baselines stop at 4M rows). `history_topk` returns top-10 and last-10 in one pass, and",
-        "the baselines compute both.",
+        "the baselines compute both. With per-checkpoint limits (`--analysis-only`, the queries of each",
+        "checkpoint limited to the rows before it, as `metaclm analyze` calls the op) the flops count only",
+        "the rows below each query's limit.",
         "",
     ]
     headers = ["op", "workload", "ours (s)", *(f"{b} (s)" for b in BASELINES), "best baseline / ours",
                "limit (s)", "ours / limit"]
-    for name, title in (("cpu", "In memory"), ("cpu-store", "Streamed from a HistoryStore on disk")):
+    for name, title in (("cpu", "In memory"), ("cpu-analysis", "In memory, per-checkpoint limits (the analysis)"),
+                        ("cpu-store", "Streamed from a HistoryStore on disk")):
         path = RESULTS / f"{name}.json"
         if not path.exists():
             continue

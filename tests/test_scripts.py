@@ -81,3 +81,19 @@ def test_export_results_keeps_the_report_and_leaves_out_runs(tmp_path, capsys):
         script["export"](out, tmp_path / "dest", 2**20)
     with pytest.raises(ValueError, match="no REPORT.md"):
         script["export"](tmp_path / "dest" / "stages", tmp_path / "other", 2**20)
+
+
+def test_profile_attention_on_a_tiny_run(tmp_path):
+    """scripts/profile_attention.py: times the attention stage's parts of a run with a history."""
+    run = tmp_path / "tiny"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--record-history", "--no-progress"]) == 0
+    script = runpy.run_path(str(SCRIPTS / "profile_attention.py"))
+    out = tmp_path / "profile.json"
+    assert script["main"]([str(run), "--fields", "attn_in.0,mlp_in.0", "--repeat", "1", "--per-checkpoint",
+                           "--json", str(out)]) == 0
+    profile = json.loads(out.read_text())
+    assert sorted(profile["fields"]) == ["attn_in.0", "mlp_in.0"]
+    attn = profile["fields"]["attn_in.0"]
+    assert attn["heads"] == 8 and profile["fields"]["mlp_in.0"]["heads"] == 1
+    assert attn["queries"] == 3 * 16 and len(attn["per_checkpoint"]["wall_s"]) == 3
+    assert all(attn[part]["wall_s"] > 0 for part in ("read", "read_unverified", "memory", "streamed", "python"))

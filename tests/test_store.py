@@ -339,6 +339,21 @@ def test_flipped_data_byte_is_caught_when_read(damaged):
     assert HistoryStore(path, verify=False).read("f16").shape == (40, 3)  # verify=False trusts the bytes
 
 
+def test_a_shard_is_verified_once_per_store_object(damaged):
+    """A shard whose checksum matched is not checked again through the same store object (committed shards
+    are immutable); a store opened afresh, and verify(), check it again."""
+    path, _, victim = damaged
+    store = HistoryStore(path)
+    first = store.read("f16")
+    _flip_byte(victim, -4)  # behind the open store's back: only a new pass over the bytes can see it
+    again = store.read("f16")  # no StoreError: shard 1 was verified by the first read
+    assert np.flatnonzero((again.view(np.uint16) != first.view(np.uint16)).any(axis=1)).tolist() == [31]
+    with pytest.raises(StoreError, match=re.escape(str(victim)) + " is corrupted: CRC-32"):
+        HistoryStore(path).read("f16")
+    with pytest.raises(StoreError, match=re.escape(str(victim))):
+        store.verify()
+
+
 def test_flipped_header_byte(damaged):
     path, _, victim = damaged
     _flip_byte(victim, 20)  # inside the header's dict text

@@ -10,9 +10,10 @@
 //   int8 scores (VPDPBUSD) against floors widened by a proven error bound, the few rows that pass
 //   scored again in fp32 (topk/int8_bound.h, int8_row_screen.h, query_vector_int8_screen.h).
 // Scans the build's ISA lacks (topk/isa.h) leave their heads to the row-vector scan.
-// Threads split the rows, keep private selections seeded with the incoming state's floors, and merge
-// them into the state's heaps at the end under the total order (key desc, row asc), so the result
-// depends neither on the number of threads nor on the chunking (topk/selection.h).
+// Threads split the rows into ranges of equal work (topk/thread_split.h), keep private selections seeded
+// with the incoming state's floors, and merge them into the state's heaps at the end under the total
+// order (key desc, row asc), so the result depends neither on the number of threads nor on the chunking
+// (topk/selection.h).
 // The headers in topk/ are parts of this one translation unit: their code has internal linkage, as in
 // a single file, so the compiler inlines and specialises the kernels as freely.
 #include <ATen/Parallel.h>
@@ -32,6 +33,7 @@
 #include "topk/query_vector_int8_screen.h"
 #include "topk/query_vector_scan.h"
 #include "topk/selection.h"
+#include "topk/thread_split.h"
 
 namespace metaclm {
 namespace {
@@ -52,8 +54,8 @@ struct TopkChunk {
   at::Tensor& out_last_indices;
 };
 
-// Folds the chunk into the state with Scan: threads take blocks of rows, each scores its blocks into
-// private selections, and merges them into the state at the end.
+// Folds the chunk into the state with Scan: threads take ranges of blocks of equal work, each scores
+// its blocks into private selections, and merges them into the state at the end.
 template <typename Scan>
 void merge_chunk(const ScanQueries& queries, const TopkChunk& chunk) {
   const Scan scan(queries);
@@ -66,8 +68,10 @@ void merge_chunk(const ScanQueries& queries, const TopkChunk& chunk) {
   dispatch_history_dtype(chunk.history.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* hp = chunk.history.data_ptr<T>();
-    const int64_t blocks = (n + block_rows - 1) / block_rows;
-    at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    const std::vector<int64_t> ranges = balanced_block_ranges(queries.limit, queries.nq, chunk.row_offset, n, block_rows,
+                                                              at::get_num_threads());
+    at::parallel_for(0, static_cast<int64_t>(ranges.size()) - 1, 1, [&](int64_t p_begin, int64_t p_end) {
+      const int64_t b_begin = ranges[p_begin], b_end = ranges[p_end];
       ThreadSelections local(queries.nq, queries.nh, chunk.k, chunk.in_top_keys, chunk.in_last_keys);
       typename Scan::Buffers buffers(scan);
       NextBlockPrefetch prefetch;

@@ -88,10 +88,8 @@ void screen_query_vectors(const QueryBlockTask& t, const QueryScreen& sc, int64_
                                      (_mm512_cmpgt_epi64_mask(_mm512_loadu_si512(limit + 8), base) << 8));
     end = std::max(end, std::min(t.rows, qs.vector_max_limit[v0 + v] - t.base_row));
   }
-  auto refresh = [&] {
-    for (int v = 0; v < QV; ++v) query_vector_thresholds(t, sc, v0 + v, live[v], selections, top[v], last[v]);
-  };
-  refresh();
+  if (end <= 0) return;  // the block lies past every lane's limit: no thresholds to compute
+  for (int v = 0; v < QV; ++v) query_vector_thresholds(t, sc, v0 + v, live[v], selections, top[v], last[v]);
   const int32_t* x = reinterpret_cast<const int32_t*>(sc.x.words);
   for (int64_t r0 = 0; r0 < end; r0 += kQueryTileRows) {
     __m512i acc[kQueryTileRows][QV];
@@ -117,8 +115,12 @@ void screen_query_vectors(const QueryBlockTask& t, const QueryScreen& sc, int64_
     for (int64_t r = 0; r < kQueryTileRows; ++r) {
       for (int v = 0; v < QV; ++v) _mm512_store_ps(scores[r][v], exact[r][v]);
     }
-    offer_query_tile<QV>(t, v0, r0, scores, selections);
-    refresh();
+    // Thresholds follow the floors of the vectors that made offers; a vector whose tile passed the
+    // screen but offered nothing keeps its floors, and so its thresholds.
+    const unsigned offered = offer_query_tile<QV>(t, v0, r0, scores, selections);
+    for (int v = 0; v < QV; ++v) {
+      if (offered >> v & 1u) query_vector_thresholds(t, sc, v0 + v, live[v], selections, top[v], last[v]);
+    }
   }
 }
 

@@ -28,7 +28,7 @@ constexpr int64_t kQueryDh = 8;
 class QueryVectorScan;  // defined where kHaveQueryVectorScan
 
 #if METACLM_QUERY_VECTOR_SCAN
-constexpr int64_t kQueryBlockRows = 512;  // rows per block of the query-vector scan (a head's slice: 16 KB)
+constexpr int64_t kQueryBlockRows = 2048;  // rows per block of the query-vector scan (a head's slice: 64 KB)
 constexpr int64_t kQueryTileRows = 4;
 
 // The queries laid out for the query-vector scan: [H][Dh][padded Q], zero past nq; per-lane limits
@@ -77,12 +77,14 @@ struct QueryBlockTask {
 
 // The rare path: a tile may hold candidates. Offers each score that passes its query's current floors
 // (the scan's copies may be looser), skipping padding rows and lanes at or past their limit (padding
-// lanes have limit 0).
+// lanes have limit 0). Returns a bit per query vector of the tile that made an offer: only their
+// floors can have moved.
 template <int QV>
-__attribute__((noinline)) void offer_query_tile(const QueryBlockTask& t, int64_t v0, int64_t r0,
+__attribute__((noinline)) unsigned offer_query_tile(const QueryBlockTask& t, int64_t v0, int64_t r0,
                                                 const float (&scores)[kQueryTileRows][QV][kLanes], ThreadSelections& selections) {
   const float* top_floors = selections.top_floors(t.h);
   const float* last_floors = selections.last_floors(t.h);
+  unsigned offered = 0;
   for (int64_t r = 0; r < kQueryTileRows && r0 + r < t.rows; ++r) {
     const int64_t row = t.base_row + r0 + r;
     for (int v = 0; v < QV; ++v) {
@@ -91,14 +93,15 @@ __attribute__((noinline)) void offer_query_tile(const QueryBlockTask& t, int64_t
       const __m512 score = _mm512_loadu_ps(scores[r][v]);
       for (uint32_t pass = _mm512_cmp_ps_mask(score, _mm512_loadu_ps(top_floors + lane0), _CMP_GE_OQ); pass; pass &= pass - 1) {
         const int lane = __builtin_ctz(pass);
-        if (row < limit[lane]) selections.offer(lane0 + lane, t.h, false, scores[r][v][lane], row);
+        if (row < limit[lane]) selections.offer(lane0 + lane, t.h, false, scores[r][v][lane], row), offered |= 1u << v;
       }
       for (uint32_t pass = _mm512_cmp_ps_mask(score, _mm512_loadu_ps(last_floors + lane0), _CMP_LE_OQ); pass; pass &= pass - 1) {
         const int lane = __builtin_ctz(pass);
-        if (row < limit[lane]) selections.offer(lane0 + lane, t.h, true, -scores[r][v][lane], row);
+        if (row < limit[lane]) selections.offer(lane0 + lane, t.h, true, -scores[r][v][lane], row), offered |= 1u << v;
       }
     }
   }
+  return offered;
 }
 
 // The fp32 scores of rows r0 .. r0+3 against query vectors q: acc[r][v].
