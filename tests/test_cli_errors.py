@@ -135,3 +135,10 @@ def test_a_pickled_checkpoint_is_never_loaded(tiny_run, tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"a pickle someone left here")
     with pytest.raises((OSError, ValueError, EnvironmentError), match="safetensors"):
         load_checkpoint(run)
+
+
+@pytest.mark.parametrize("flag", ["--rows", "--queries", "--heads", "--head-dim", "--k"])
+def test_demo_checks_its_sizes_before_printing_anything(flag, capsys):
+    assert main(["demo", flag, "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"{flag} must be >= 1, got 0" in err

@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from ..demo import run_demo
+from ..demo import check_demo, run_demo
 from ..dtypes import HISTORY_DTYPE_NAMES
 
 
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_demo(args.rows, args.queries, args.heads, args.head_dim, args.k)
     print(
         f"history_topk: random history N={args.rows:,} x D={args.heads * args.head_dim} ({args.dtype}), "
         f"Q={args.queries} queries, H={args.heads} heads of Dh={args.head_dim}, k={args.k}, "
