@@ -67,15 +67,18 @@ def test_export_results_keeps_the_report_and_leaves_out_runs(tmp_path, capsys):
     (out / "stages" / "train_table5" / "run" / "history" / "shard.bin").write_bytes(b"\0" * 64)
     (out / "stages" / "train_table5" / "run" / "losses.json").write_text("{}")
     (out / "stages" / "probe_news").mkdir(parents=True)
-    for name, text in [("REPORT.md", "# report"), ("report.json", "{}"), ("stages/train_table5/stage.json", "{}"),
-                       ("stages/probe_news/stage.json", "{}"), ("stages/probe_news/inner_loss.png", "png")]:
+    (out / "stages" / "train_table6").mkdir(parents=True)
+    done, running = json.dumps({"status": "done"}), json.dumps({"status": "running"})
+    for name, text in [("REPORT.md", "# report"), ("report.json", "{}"), ("stages/train_table5/stage.json", done),
+                       ("stages/probe_news/stage.json", done), ("stages/probe_news/inner_loss.png", "png"),
+                       ("stages/train_table6/stage.json", running), ("stages/train_table6/losses.png", "png")]:
         (out / name).write_text(text)
     (out / "stages" / "probe_news" / "big.json").write_text("x" * 3 * 2**20)
     script = runpy.run_path(str(SCRIPTS / "export_results.py"))
     kept, left = script["export"](out, tmp_path / "dest", 2**20)
     assert sorted(map(str, kept)) == ["REPORT.md", "report.json", "stages/probe_news/inner_loss.png",
                                       "stages/probe_news/stage.json", "stages/train_table5/stage.json"]
-    assert left == ["stages/probe_news/big.json (3.0 MB)"]
+    assert left == ["stages/train_table6/ (stage not done)", "stages/probe_news/big.json (3.0 MB)"]
     assert (tmp_path / "dest" / "stages" / "probe_news" / "inner_loss.png").read_text() == "png"
     with pytest.raises(ValueError, match="not empty"):
         script["export"](out, tmp_path / "dest", 2**20)
