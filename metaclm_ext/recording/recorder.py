@@ -382,11 +382,12 @@ class HistoryRecorder:
         factors = self._error_factors(opt, batches) if self.errors else {}
         self._noted, self._noting = {}, False  # also after a backward that raised before its callbacks ran
         rows = self._rows(batches, number, factors) if factors is not None else None
-        if rows is None:
+        maxima = self._error_maxima(rows) if rows is not None else None
+        if maxima is None or not all(math.isfinite(m) for m in maxima.values()):
             warnings.warn("HistoryRecorder: a recorded gradient is not finite; the step's rows are dropped (a grad "
                           "scaler skips this optimizer step)")
             return None
-        self.writer.append(self._stored(rows, number))
+        self.writer.append(self._stored(rows, number, maxima))
         self._last_step = number
         self._next_sequence += sum(b.rows.batch_size for b in batches)
         self._uncommitted_steps += 1
@@ -403,8 +404,8 @@ class HistoryRecorder:
             self.status = {**self.status, "committed_rows": self.writer.committed_rows}
             write_status(self.path, self.status)
 
-    def _rows(self, batches: list[_MicroBatch], number: int, factors: dict[str, float]) -> Optional[dict]:
-        """The step's rows, e_t in fp64 (see :meth:`_stored`); None if an error is not finite."""
+    def _rows(self, batches: list[_MicroBatch], number: int, factors: dict[str, float]) -> dict:
+        """The step's rows, e_t in fp64 (see :meth:`_stored`)."""
         columns = {c: [] for c in (*BASE_COLUMNS, *self.user_columns)}
         sequence = self._next_sequence
         for index, batch in enumerate(batches):
@@ -420,23 +421,26 @@ class HistoryRecorder:
             rows[spec.input_field] = torch.cat([b.inputs[spec.name] for b in batches])
             if self.errors:
                 grads = [sum(b.grads[spec.name][1:], b.grads[spec.name][0]) for b in batches]
-                errors = torch.cat(grads).double() * factors[spec.name]
-                if not bool(torch.isfinite(errors).all()):
-                    return None
-                rows[spec.error_field] = errors
+                rows[spec.error_field] = torch.cat(grads).double() * factors[spec.name]
         return rows
 
-    def _stored(self, rows: dict, number: int) -> dict:
-        """The step's rows with each error field times its store scale, in the store's type. A field's
-        scale is chosen at its first step with a nonzero error (zeros are exact at any scale; under DDP
-        over all ranks' rows) and kept in the store's attrs before any row it scales is written; a step
-        that does not fit the field's scale raises before anything of it is written."""
+    def _error_maxima(self, rows: dict) -> dict[str, float]:
+        """{error field: largest |e_t| of the step} (0 for no rows; NaN or inf when an error is not finite),
+        with one host transfer per device for all fields."""
         fields = [spec.error_field for spec in self.specs] if self.errors else []
-        maxima = {f: float(rows[f].abs().amax()) if rows[f].numel() else 0.0 for f in fields}
+        peaks = [rows[f].abs().amax() if rows[f].numel() else rows[f].new_zeros(()) for f in fields]
+        return dict(zip(fields, _host_floats(peaks)))
+
+    def _stored(self, rows: dict, number: int, maxima: dict[str, float]) -> dict:
+        """The step's rows with each error field times its store scale, in the store's type (``maxima``: each
+        error field's largest |e_t|, :meth:`_error_maxima`). A field's scale is chosen at its first step with
+        a nonzero error (zeros are exact at any scale; under DDP over all ranks' rows) and kept in the store's
+        attrs before any row it scales is written; a step that does not fit the field's scale raises before
+        anything of it is written."""
         choosing = maxima
-        if self._group is not None and any(f not in self._scales for f in fields):  # the same on every rank
+        if self._group is not None and any(f not in self._scales for f in maxima):  # the same on every rank
             device = self.specs[0].module.weight.device
-            choosing = dict(zip(fields, largest_over_ranks([maxima[f] for f in fields], self._group, device)))
+            choosing = dict(zip(maxima, largest_over_ranks(list(maxima.values()), self._group, device)))
         chosen = {f: choose_scale(m, self._history_dtype) for f, m in choosing.items() if f not in self._scales and m > 0}
         scales = {**self._scales, **chosen}
         for field, max_abs in maxima.items():
