@@ -4,7 +4,7 @@ import pytest
 
 from metaclm_ext.analyze.claims import NOT, PARTLY, REPRODUCED, verdict
 from metaclm_ext.paper import paper_numbers
-from metaclm_ext.reproduce.claims import (TREND_RHO, appendix_b_checks, real_lm_inner_loss_checks,
+from metaclm_ext.reproduce.claims import (FALLING_RHO, appendix_b_checks, real_lm_inner_loss_checks,
                                           real_lm_norm_checks)
 
 
@@ -40,7 +40,7 @@ def test_inner_loss_is_judged_on_eq9_from_layer_1():
 
 
 def test_trend_threshold_is_the_documented_one():
-    assert TREND_RHO == -0.5
+    assert FALLING_RHO == -0.5
     flat_end = [100.0, 9.0, 8.0, 7.0, 9.5, 9.2, 8.9]   # last < layer 1 but no fall: rho = +0.26
     checks = real_lm_inner_loss_checks({"probe_news": _head(flat_end, flat_end)})
     judged = [c for c in checks if c.substantive]

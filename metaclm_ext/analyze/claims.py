@@ -15,18 +15,13 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple, Optional
 
-import numpy as np
-
 from ..history_names import parse_field_name
+from ..layer_trend import FALLING_RHO, spearman_with_order
 from ..paper import paper_numbers
 
 REPRODUCED, PARTLY, NOT, UNTESTED = "reproduced", "partly reproduced", "not reproduced", "not tested"
 TREND_LABELS = ("seed", "seed_next_token")  # the ground truths Figures 3/10 judge (Section 5)
 SEQUENCE_MARGIN = 10.0  # Figure 6: "far above the null" = at least this many times the null
-# Figures 2a/11a: "decreases across layers" = a Spearman rank correlation between the layer index (1..L)
-# and the inner loss at or below this. Fixed before any run was judged with it: -0.5 accepts a curve that
-# falls overall with one or two layers out of order, and rejects a flat or noisy one.
-FALLING_RHO = -0.5
 # The state Figures 1/9 cluster and the input Figures 3/10 score, as forward.py takes them (QUERY_POSITION).
 QUERY_TOKEN = "the second-to-last letter"
 
@@ -59,20 +54,6 @@ def tally(checks: list[dict]) -> str:
     "substantive" key, from a record written before the split, counts as substantive)."""
     counted = [c for c in checks if c.get("substantive", True)]
     return f"{sum(c['passed'] for c in counted)} of {len(counted)} substantive checks passed"
-
-
-def spearman_with_order(values: list[float]) -> float:
-    """Spearman's rank correlation between ``values`` and their positions 0..n-1 (ties get their mean
-    rank); nan when there are fewer than two values or all are equal."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size < 2 or np.all(v == v[0]):
-        return float("nan")
-    ranks = np.empty(v.size)
-    ranks[v.argsort(kind="stable")] = np.arange(v.size)
-    for value in np.unique(v):
-        tied = v == value
-        ranks[tied] = ranks[tied].mean()
-    return float(np.corrcoef(ranks, np.arange(v.size))[0, 1])
 
 
 def early_late(series: list) -> tuple[float, float]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from scipy.stats import spearmanr
 import torch.nn.functional as F
 
+from ..layer_trend import spearman_with_order
 from .models import LensModel
 
 FIRST_POSITION = 5       # the paper studies the 5th token of a text and later ones
@@ -80,4 +80,4 @@ def layer_trend(mean: list[float]) -> float:
     layers = mean[1:]
     if len(layers) < 3:
         return float("nan")
-    return float(spearmanr(range(len(layers)), layers).statistic)
+    return spearman_with_order(layers)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ..analyze.claims import CLAIMS, SEQUENCE_MARGIN, UNTESTED, Check, judge, verdict
+from ..layer_trend import FALLING_RHO
 from ..paper import paper_numbers
 from ..probe.corpora import PAPER_CORPUS_NAMES
 from ..probe.lens import layer_trend
@@ -33,12 +34,6 @@ def _probe_name(head: dict, stage: str) -> str:
     return f"{model_name(head)} on {head['corpus']['description']} ({stage})"
 
 
-# Figures 4/7 "a decreasing trend of the inner loss": over layers 1..L, a Spearman rank correlation with the
-# layer number of at most this. Fixed before any run: -0.5 is a clear majority of layer pairs in falling order
-# (rho = -1: every pair), loose enough that a curve that falls overall with a bump or two still counts.
-TREND_RHO = -0.5
-
-
 def _curve_checks(name: str, curve: dict, judged: bool) -> list[Check]:
     """A loss curve's checks from layer 1 on. Substantive (when ``judged``): the last layer below layer 1 and a
     falling rank trend. Context always: last layer < embeddings (with a tied LM head the embedding state
@@ -51,8 +46,8 @@ def _curve_checks(name: str, curve: dict, judged: bool) -> list[Check]:
     label = f"{name}, {curve['label']}"
     return [
         Check(f"{label}: last layer {mean[-1]:.3f} < layer 1 {mean[1]:.3f} nats", mean[-1] < mean[1], judged),
-        Check(f"{label}: falling trend over layers 1..{len(mean) - 1}, Spearman rho {rho:.2f} <= {TREND_RHO:g}",
-              rho <= TREND_RHO, judged),
+        Check(f"{label}: falling trend over layers 1..{len(mean) - 1}, Spearman rho {rho:.2f} <= {FALLING_RHO:g}",
+              rho <= FALLING_RHO, judged),
         Check(f"{label}: last layer {mean[-1]:.3f} < embeddings {mean[0]:.3f} nats", mean[-1] < mean[0], False),
         Check(f"{label}: does not rise at {steps} of {len(mean) - 2} layer steps 1..L (all would be needed for "
               "a fall at every step, which the paper does not claim)", steps == len(mean) - 2, False),
