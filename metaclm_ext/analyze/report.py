@@ -9,7 +9,7 @@ import numpy as np
 from ..history_names import field_name
 from ..markdown import table
 from .attention import LABELS, MODULES
-from .claims import tally
+from .claims import QUERY_TOKEN, tally
 from .clustering import METRICS
 
 LABEL_NAMES = {"seed": "seed", "next_token": "next token", "seed_next_token": "seed-next-token"}
@@ -249,7 +249,7 @@ def markdown(result: dict, files: dict) -> str:
             f" F1 chance: the same clusters scored against {chance['permutations']} permutations of the labels, the "
             f"{chance['quantile']:.0%} quantile (a random clustering's F1 is well above 1/k after the matching).")
         lines += ["", "## Clustering (Figures 1 and 9)", "", "F1 / ARI / AMI at the last checkpoint per state of the "
-                  "query token (the second-to-last letter; emb = embedding output, Ll = block l's output before "
+                  f"query token ({QUERY_TOKEN}; emb = embedding output, Ll = block l's output before "
                   f"ln_f).{null}", "", *table(["split", "label", "metric", *(_state_name(s) for s in states)], rows)]
         lines += ["", f"![F1]({files['clustering_f1']})", "", f"![all]({files['clustering_all']})"]
     if "inner_loss" in result:

@@ -142,7 +142,7 @@ def _filter_variants(lens_last: torch.Tensor, head_last: torch.Tensor) -> dict:
 def _table3_variants(scored: list[dict]) -> dict:
     """How many scored samples each candidate filter (final value <= LOSS_FILTER) keeps."""
     return {"scored": len(scored), "threshold": LOSS_FILTER, "kept": {
-        curve: {way: sum(r["last_layer_loss"][curve][way] <= LOSS_FILTER for r in scored)
+        curve: {way: sum(kept_by_loss(r["last_layer_loss"][curve][way]) for r in scored)
                 for way in ("mean", "last_token", "sum")} for curve in ("logit_lens", "head_only")}}
 
 

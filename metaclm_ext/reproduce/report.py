@@ -9,7 +9,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..analyze.claims import tally
+from ..analyze.claims import QUERY_TOKEN, tally
 from ..analyze.report import VERDICT_RULE, evidence_lines, verdict_text
 from ..dualcheck import EXACT_TOLERANCE
 from ..markdown import table
@@ -188,7 +188,7 @@ def _clustering(records: dict, claims: list) -> list[str]:
     lines, h = _analysis_start(records, "## Figures 1 and 9: KMeans clustering of the query token (Section 5)",
                                "train_table5", "analyze_table5")
     if "clustering_f1" in h:
-        lines += ["", f"KMeans on the query token, the second-to-last letter of each sequence (its embedding output and "
+        lines += ["", f"KMeans on the query token, {QUERY_TOKEN} of each sequence (its embedding output and "
                   f"its last block's output before ln_f), F1 after Hungarian matching, {_analysed(h)}. The verdict "
                   "also compares the last layer's F1 with the F1 its clusters get against permuted labels (in "
                   "analysis.json). Paper: figures only (no numbers).", ""]
@@ -234,7 +234,7 @@ def _attention(records: dict, claims: list) -> list[str]:
     if att and "labels" in att:
         e = att["epochs"]
         pairs = 2 * records["analyze_table5"]["headline"]["layers"]
-        lines += [f"Validation queries (one per sequence: each block's c_proj inputs at its second-to-last letter) "
+        lines += [f"Validation queries (one per sequence: each block's c_proj inputs at {QUERY_TOKEN}) "
                   f"against the {att['history_rows']:,} recorded history rows through `history_topk`; same-label % of "
                   f"the top-{att['k']} and last-{att['k']} rows, mean over the {pairs} layer/module pairs, at epochs "
                   f"{e[0]} and {e[-1]}. Paper: figures only; its chance baselines are stated in the claim below.", ""]
