@@ -148,7 +148,8 @@ def _analyzer(train_stage: str) -> Callable:
 
 
 def _analysis_headline(result: dict, files: dict) -> dict:
-    """The numbers of an analysis the report shows: first and last analysed checkpoint, claims, figures."""
+    """The numbers of an analysis the report shows: first and last analysed checkpoint, figures (the
+    claims are judged at report time on analysis.json)."""
     head = {"epochs": result["epochs"], "layers": result["layers"], "counts": result["counts"],
             "seconds": result["seconds"], "files": files,
             "outer_loss": {k: v[-1] for k, v in result["outer_loss"].items() if v}}

@@ -275,9 +275,11 @@ class HistoryStore:
     raises StoreError naming the first file that disagrees; checksums are verified as shards are read
     (``verify=False`` skips that), each shard's once per store object: a committed shard is never
     rewritten, so a later pass over it (a second call over the same field, a benchmark's repeats) skips
-    the CRC-32 that the first pass checked; a shard that failed is checked again on every read. :meth:`verify` always checks every file. ``chunk_bytes`` is the streaming budget: the ops read chunks of at most
-    that many bytes (summed over the sources they stream together), with ``readahead`` chunks per source
-    queued ahead, so peak memory is about ``(readahead + 3) * chunk_bytes`` whatever the store size.
+    the CRC-32 that the first pass checked; a shard that failed is checked again on every read.
+    :meth:`verify` always checks every file. ``chunk_bytes`` is the streaming budget: the ops read chunks
+    of at most that many bytes (summed over the sources they stream together), with ``readahead`` chunks
+    per source queued ahead, so peak memory is about ``(readahead + 3) * chunk_bytes`` whatever the store
+    size.
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
