@@ -8,7 +8,8 @@ for float16 with the scale the recorder chooses from the field's first step (sto
 of values below float16's smallest normal (subnormal: rounded to a fixed 2^-24), the share flushed to 0,
 and the relative error ||fp16(e) - e|| / ||e|| over the whole field; and over the steps the largest and the
 smallest step maximum of |e_t| x scale (the recorder refuses a step whose maximum is above 65504, where
-float16 overflows, or below 2^-14 = 6.1e-5, where all of the step would be subnormal).
+float16 overflows; a step below 2^-14 = 6.1e-5 is recorded, all of it subnormal, with the absolute
+rounding 2^-24 / scale).
 """
 import argparse
 import sys
