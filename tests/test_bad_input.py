@@ -70,6 +70,22 @@ def test_non_finite_history_names_row(bad, dtype):
         metaclm_ext.dual_form_apply(torch.randn(2, 8), torch.randn(5000, 8), history)
 
 
+@pytest.mark.parametrize("queries", [8, 200])
+def test_topk_names_the_first_bad_row_under_either_thread_split(queries):
+    """Two threads split the rows for 8 queries and the queries for 200: either way the first bad row is
+    the one named, not the first one a thread happened to meet."""
+    history = torch.randn(12000, 8).half()
+    history[9000, 1] = float("nan")
+    history[2500, 6] = float("inf")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match=r"history row 2500 contains NaN or Inf"):
+            metaclm_ext.history_topk(torch.randn(queries, 1, 8), history, 5, limit=torch.full((queries,), 12000))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_non_finite_check_reads_views_as_views(dtype):
     """A column view of a wider tensor is checked by its own elements: a NaN outside the view is no error

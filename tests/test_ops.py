@@ -212,6 +212,29 @@ def test_topk_int8_screen_hard_rows(gen):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("q, h, dh", [(127, 2, 8), (128, 2, 8), (333, 3, 8), (200, 1, 128), (150, 2, 20)])
+def test_topk_threads_split_rows_or_queries(q, h, dh, gen):
+    """Two threads split the rows below 128 queries and the queries from 128 on (parts of equal work
+    under per-query limits, boundaries on 16-query vectors): the answer is the reference's bitwise, and
+    the same as one thread's, for every scan (query vectors for dh = 8, int8 screen for 128, fp32 rows)."""
+    n, k = 5000, 10
+    queries = small_ints((q, h, dh), gen)
+    history = small_ints((n, h * dh), gen).half()
+    limit = torch.randint(0, n + 1, (q,), generator=gen).sort().values  # as the analysis orders them
+    limit[:3] = 0
+    limit[-1] = n
+    want = ref.history_topk_reference(queries, history, k, limit=limit)
+    threads = torch.get_num_threads()
+    try:
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            got = metaclm_ext.history_topk(queries, history, k, limit=limit)
+            assert_selection_equal(got.top, want.top)
+            assert_selection_equal(got.last, want.last)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def assert_top_row_over_chunks(query, history, row):
     """The single best row for one query is `row`, with its score, when the floor comes from an earlier
     chunk (chunks of 50 and 100 rows)."""

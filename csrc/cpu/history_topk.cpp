@@ -10,10 +10,10 @@
 //   int8 scores (VPDPBUSD) against floors widened by a proven error bound, the few rows that pass
 //   scored again in fp32 (topk/int8_bound.h, int8_row_screen.h, query_vector_int8_screen.h).
 // Scans the build's ISA lacks (topk/isa.h) leave their heads to the row-vector scan.
-// Threads split the rows into ranges of equal work (topk/thread_split.h), keep private selections seeded
-// with the incoming state's floors, and merge them into the state's heaps at the end under the total
-// order (key desc, row asc), so the result depends neither on the number of threads nor on the chunking
-// (topk/selection.h).
+// Threads split the rows or, with many queries, the queries into parts of equal work
+// (topk/thread_split.h), keep private selections seeded with the incoming state's floors, and merge them
+// into the state's heaps at the end under the total order (key desc, row asc), so the result depends
+// neither on the number of threads nor on the chunking (topk/selection.h).
 // The headers in topk/ are parts of this one translation unit: their code has internal linkage, as in
 // a single file, so the compiler inlines and specialises the kernels as freely.
 #include <ATen/Parallel.h>
@@ -54,45 +54,55 @@ struct TopkChunk {
   at::Tensor& out_last_indices;
 };
 
-// Folds the chunk into the state with Scan: threads take ranges of blocks of equal work, each scores
-// its blocks into private selections, and merges them into the state at the end.
+// One thread's part of a chunk (topk/thread_split.h): its queries' private selections over its blocks,
+// seeded with their incoming floors and merged into their rows of the state at the end. A block that
+// holds a NaN or Inf stops the part, its number lowered into first_bad_block.
+template <typename Scan, typename T>
+void scan_part(const ScanQueries& queries, const TopkChunk& chunk, const T* hp, const WorkPart& part,
+               std::mutex& merge_mutex, std::atomic<int64_t>& first_bad_block) {
+  const int64_t q0 = part.query_begin, nh = queries.nh, k = chunk.k, state_offset = q0 * nh * k;
+  const ScanQueries mine{queries.queries + q0 * nh * queries.dh, queries.limit + q0, part.query_end - q0, nh, queries.dh};
+  const Scan scan(mine);
+  const int64_t n = chunk.history.size(0), d = chunk.history.size(1);
+  const int64_t block_rows = Scan::block_rows(queries.dh), steps_per_block = scan.steps_per_block();
+  ThreadSelections local(mine.nq, nh, k, chunk.in_top_keys + state_offset, chunk.in_last_keys + state_offset);
+  typename Scan::Buffers buffers(scan);
+  NextBlockPrefetch prefetch;
+  for (int64_t b = part.block_begin; b < part.block_end; ++b) {
+    const int64_t first = b * block_rows;
+    const int64_t rows = std::min(block_rows, n - first);
+    const int64_t next_rows = b + 1 < part.block_end ? std::min(block_rows, n - first - block_rows) : 0;
+    prefetch.start(next_rows ? hp + (first + block_rows) * d : nullptr, next_rows * d * sizeof(T), steps_per_block);
+    if (!scan.score_block(hp + first * d, rows, chunk.row_offset + first, buffers, local, &prefetch)) {
+      lower_to(first_bad_block, b);  // reported after the parts
+      return;
+    }
+  }
+  local.flush();
+  std::lock_guard<std::mutex> guard(merge_mutex);
+  merge_into_state(local, mine.nq * nh, chunk.out_top_keys.data_ptr<float>() + state_offset,
+                   chunk.out_top_indices.data_ptr<int64_t>() + state_offset,
+                   chunk.out_last_keys.data_ptr<float>() + state_offset,
+                   chunk.out_last_indices.data_ptr<int64_t>() + state_offset);
+}
+
+// Folds the chunk into the state with Scan, one part of equal work per thread.
 template <typename Scan>
 void merge_chunk(const ScanQueries& queries, const TopkChunk& chunk) {
-  const Scan scan(queries);
-  const int64_t n = chunk.history.size(0), d = chunk.history.size(1);
-  const int64_t block_rows = scan.block_rows();
-  const int64_t steps_per_block = scan.steps_per_block();
+  const int64_t n = chunk.history.size(0);
+  const int64_t block_rows = Scan::block_rows(queries.dh);
+  const std::vector<WorkPart> parts =
+      split_work(queries.limit, queries.nq, chunk.row_offset, n, block_rows, at::get_num_threads(), kLanes);
   std::mutex merge_mutex;
   std::atomic<int64_t> first_bad_block{std::numeric_limits<int64_t>::max()};
-
   dispatch_history_dtype(chunk.history.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* hp = chunk.history.data_ptr<T>();
-    const std::vector<int64_t> ranges = balanced_block_ranges(queries.limit, queries.nq, chunk.row_offset, n, block_rows,
-                                                              at::get_num_threads());
-    at::parallel_for(0, static_cast<int64_t>(ranges.size()) - 1, 1, [&](int64_t p_begin, int64_t p_end) {
-      const int64_t b_begin = ranges[p_begin], b_end = ranges[p_end];
-      ThreadSelections local(queries.nq, queries.nh, chunk.k, chunk.in_top_keys, chunk.in_last_keys);
-      typename Scan::Buffers buffers(scan);
-      NextBlockPrefetch prefetch;
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        const int64_t first = b * block_rows;
-        const int64_t rows = std::min(block_rows, n - first);
-        const int64_t next_rows = b + 1 < b_end ? std::min(block_rows, n - first - block_rows) : 0;
-        prefetch.start(next_rows ? hp + (first + block_rows) * d : nullptr, next_rows * d * sizeof(T), steps_per_block);
-        if (!scan.score_block(hp + first * d, rows, chunk.row_offset + first, buffers, local, &prefetch)) {
-          lower_to(first_bad_block, b);  // reported after the loop
-          return;
-        }
-      }
-      local.flush();
-      std::lock_guard<std::mutex> guard(merge_mutex);
-      merge_into_state(local, queries.nq * queries.nh, chunk.out_top_keys.data_ptr<float>(),
-                       chunk.out_top_indices.data_ptr<int64_t>(), chunk.out_last_keys.data_ptr<float>(),
-                       chunk.out_last_indices.data_ptr<int64_t>());
+    at::parallel_for(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t p_begin, int64_t p_end) {
+      for (int64_t p = p_begin; p < p_end; ++p) scan_part<Scan>(queries, chunk, hp, parts[p], merge_mutex, first_bad_block);
     });
   });
-  // A block with NaN/Inf stopped its thread; name the exact row (the rescan touches that block only).
+  // A block with NaN/Inf stopped its part; name the exact row (the rescan touches that block only).
   if (first_bad_block.load() != std::numeric_limits<int64_t>::max()) {
     const int64_t first = first_bad_block.load() * block_rows;
     check_finite_rows(chunk.history.slice(0, first, std::min(n, first + block_rows)), chunk.row_offset + first,

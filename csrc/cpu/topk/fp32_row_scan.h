@@ -208,7 +208,7 @@ class Fp32RowScan {
  public:
   explicit Fp32RowScan(const ScanQueries& q) : q_(q), block_rows_(block_rows_for(q.dh)), scan_(pick_scan(q.dh)) {}
 
-  int64_t block_rows() const { return block_rows_; }
+  static int64_t block_rows(int64_t dh) { return block_rows_for(dh); }
   // Prefetch steps per block: the tile groups of 8 (or 6) queries, per head.
   int64_t steps_per_block() const { return q_.nh * ((q_.nq + 7) / 8); }
 

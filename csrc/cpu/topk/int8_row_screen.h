@@ -203,7 +203,7 @@ class Int8RowScreen {
  public:
   explicit Int8RowScreen(const ScanQueries& q) : q_(q), int8_(q.queries, q.nq, q.nh, q.dh), screen_(pick_screen(q.dh)) {}
 
-  int64_t block_rows() const { return kInt8BlockRows; }
+  static int64_t block_rows(int64_t /*dh*/) { return kInt8BlockRows; }
   // Prefetch steps per block: the tile groups of 8 queries, per head.
   int64_t steps_per_block() const { return q_.nh * ((q_.nq + 7) / 8); }
 

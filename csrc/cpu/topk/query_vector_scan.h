@@ -211,7 +211,7 @@ class QueryVectorScan {
  public:
   explicit QueryVectorScan(const ScanQueries& q) : q_(q), vectors_(q.queries, q.limit, q.nq, q.nh) {}
 
-  int64_t block_rows() const { return kQueryBlockRows; }
+  static int64_t block_rows(int64_t /*dh*/) { return kQueryBlockRows; }
   // Prefetch steps per block: the tile groups of 2 query vectors, per head.
   int64_t steps_per_block() const { return q_.nh * ((q_.nq + 2 * kLanes - 1) / (2 * kLanes)); }
 
