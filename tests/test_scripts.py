@@ -100,3 +100,13 @@ def test_profile_attention_on_a_tiny_run(tmp_path):
     assert attn["heads"] == 8 and profile["fields"]["mlp_in.0"]["heads"] == 1
     assert attn["queries"] == 3 * 16 and len(attn["per_checkpoint"]["wall_s"]) == 3
     assert all(attn[part]["wall_s"] > 0 for part in ("read", "read_unverified", "memory", "streamed", "python"))
+
+
+def test_topk_cpu_time_reports_both_workloads():
+    """scripts/topk_cpu_time.py: the per-checkpoint workload and the one-limit one, each timed."""
+    script = runpy.run_path(str(SCRIPTS / "topk_cpu_time.py"))
+    results = script["main"](["--rows", "3000", "--checkpoints", "3", "--repeats", "1", "--threads", "2"])
+    assert [(r["queries"], r["limits"]) for r in results] == [(600, 3), (200, 1)]
+    assert all(r["cpu_s"] >= 0 and r["wall_s"] > 0 for r in results)
+    with pytest.raises(SystemExit):
+        script["main"](["--rows", "0"])
