@@ -10,10 +10,9 @@ import torch
 from tqdm import tqdm
 
 from . import norm_drops
-from .corpora import load_corpus
 from .lens import make_batch, token_stats
-from .models import LensModel, load_model
-from .run import LOSS_FILTER, ProbeConfig, kept_by_loss, length_sorted_batches
+from .models import LensModel
+from .run import LOSS_FILTER, ProbeConfig, kept_by_loss, length_sorted_batches, nothing_kept, open_probe
 
 # The norm a block applies to its residual stream before the MLP, by the names of GPT-2, LLaMA and Gemma. Gemma's
 # post_attention_layernorm normalises the attention output instead, so its pre_feedforward_layernorm comes first.
@@ -51,10 +50,7 @@ def block_states(lm: LensModel, input_ids: torch.Tensor, attention_mask: torch.T
 def read_studied(cfg: ProbeConfig, progress: bool = True) -> dict:
     """The probe's studied tokens of its kept samples: {"states": [N, L+1, d], "after_attention": [N, L] norms,
     "lm", "corpus", "counts", "device"}."""
-    cfg.check()
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    corpus = load_corpus(cfg.corpus, cfg.max_samples, cfg.seed)
-    lm = load_model(cfg.model, device)
+    device, corpus, lm = open_probe(cfg)
     states_out, attention_out = [], []
     scored = kept = 0
     for idx in tqdm(length_sorted_batches(corpus.samples, cfg.batch_size), desc=f"norm drops {cfg.model}",
@@ -74,8 +70,7 @@ def read_studied(cfg: ProbeConfig, progress: bool = True) -> dict:
         states_out.append(states[:, select][:, keep].transpose(0, 1).cpu())
         attention_out.append(after_attention[:, select][:, keep].norm(dim=-1).T.cpu())
     if not kept:
-        raise ValueError(f"no sample of --corpus {cfg.corpus} passed the filters (>= 1 studied position, "
-                         f"final loss <= {LOSS_FILTER})")
+        raise nothing_kept(cfg)
     return {"states": torch.cat(states_out), "after_attention": torch.cat(attention_out), "lm": lm, "corpus": corpus,
             "device": device, "counts": {"sampled": len(corpus.samples), "scored": scored,
                                          "kept_after_loss_filter": kept}}

@@ -52,13 +52,24 @@ def kept_by_loss(last_layer_loss: float) -> bool:
     return bool(last_layer_loss <= LOSS_FILTER)
 
 
-def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
-    """Everything the report needs, as plain numbers (plus the PCA points); see report.write_outputs."""
+def open_probe(cfg: ProbeConfig):
+    """What every pass over the probe's samples starts from, once cfg is checked: (device, corpus sample, model
+    on that device)."""
     cfg.check()
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, load_corpus(cfg.corpus, cfg.max_samples, cfg.seed), load_model(cfg.model, device)
+
+
+def nothing_kept(cfg: ProbeConfig) -> ValueError:
+    """The error of a pass in which no sample passed the filters."""
+    return ValueError(f"no sample of --corpus {cfg.corpus} passed the filters (>= 1 studied position, "
+                      f"final loss <= {LOSS_FILTER})")
+
+
+def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
+    """Everything the report needs, as plain numbers (plus the PCA points); see report.write_outputs."""
     started = time.perf_counter()
-    corpus = load_corpus(cfg.corpus, cfg.max_samples, cfg.seed)
-    lm = load_model(cfg.model, device)
+    device, corpus, lm = open_probe(cfg)
     n_layers = len(lm.layers)
     gpt2 = linear.is_gpt2_design(lm.model)
     weights = [linear.gpt2_weights(b, lm.model.config.n_head) for b in lm.layers] if gpt2 else None
@@ -93,8 +104,7 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> dict:
     samples = [records[i] for i in range(len(corpus.samples))]
     kept = [r for r in samples if r["kept"]]
     if not kept:
-        raise ValueError(f"no sample of --corpus {cfg.corpus} passed the filters (>= 1 studied position, "
-                         f"final loss <= {LOSS_FILTER})")
+        raise nothing_kept(cfg)
 
     for r in kept:
         r["norms"] = token_norms[r["index"]].tolist()
