@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 import probe_models
 from helpers import reshard_store, torchrun_cli
@@ -20,6 +21,7 @@ from metaclm_ext.finetune.layers import parse_layers
 from metaclm_ext.finetune.packing import batches, token_stream
 from metaclm_ext.finetune.train import checkpoint_steps
 from metaclm_ext.history_names import field_name
+from metaclm_ext.probe.models import load_model
 
 PARAGRAPHS = 4
 TINY = ["--tokens", "384", "--seq-len", "16", "--batch-size", "4", "--lr", "0.05", "--checkpoints", "3",
@@ -46,6 +48,14 @@ def run(request, tmp_path_factory, corpus):
     assert cli(["finetune", "--out", str(out), "--model", model, "--corpus", str(corpus), "--fp32-layers", "0,1",
                 *TINY]) == 0
     return request.param, out, model
+
+
+def test_loading_a_model_turns_off_the_bars_of_transformers(run):
+    """--no-progress means no bars: transformers' own (one per checkpoint shard saved) are off once a model
+    is loaded, whether by finetune, probe or finetune-analyze."""
+    hf_logging.enable_progress_bar()
+    load_model(run[2])
+    assert not hf_logging.is_progress_bar_enabled()
 
 
 def test_run_folder_layout(run):

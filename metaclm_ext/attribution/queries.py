@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..finetune.train import model_context
+from ..hf_quiet import quiet_transformers
 from .run import RecordedModule
 
 
@@ -23,6 +24,7 @@ class TextQueries:
 
 def load_checkpoint(path: Path):
     """(model in eval mode, fp32, on the CPU; its tokenizer) from a save_pretrained folder."""
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..hf_quiet import quiet_transformers
+
 CACHE_DIR = Path(os.environ.get("METACLM_CACHE", Path.home() / ".cache" / "metaclm_ext"))
 
 
@@ -160,6 +162,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> LensModel:
     """--model: a short name (smollm2, gemma3-270m), a local folder, or a name in the local HF cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     if not isinstance(spec, str) or not spec:
         raise ValueError("--model must be a non-empty string")
     if str(device).startswith("cuda") and not torch.cuda.is_available():

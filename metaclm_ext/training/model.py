@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 from .. import data as datamod
+from ..hf_quiet import quiet_transformers
 from ..history_names import module_key
 from .config import TrainConfig
 
-__all__ = ["build_model", "count_parameters", "cproj_modules", "quiet_transformers", "resolve_device"]
+__all__ = ["build_model", "count_parameters", "cproj_modules", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,13 +24,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
-
-
-def quiet_transformers() -> None:
-    """No per-call progress bars from save_pretrained / from_pretrained (one bar per run is ours)."""
-    from transformers.utils import logging  # transformers takes seconds to import: only where a model is made
-
-    logging.disable_progress_bar()
 
 
 def build_model(cfg: TrainConfig, n_positions: int):

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .. import data as datamod
+from ..hf_quiet import quiet_transformers
 from .config import TrainConfig, validate_config
-from .model import quiet_transformers
 
 __all__ = ["CONFIG", "TRAIN_STATE", "Run", "checkpoint_dir", "epoch_limits", "history_path", "load_checkpoint",
            "load_run", "load_train_state", "save_train_state"]
