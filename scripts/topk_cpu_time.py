@@ -18,6 +18,7 @@ import time
 import torch
 
 import metaclm_ext
+from bench_table import checkpoint_limits
 
 
 def cpu_seconds() -> float:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for checkpoints in (args.checkpoints, 1):
         nq = 200 * checkpoints
         queries = torch.randn(nq, 8, 8, generator=gen)
-        limit = (torch.arange(1, checkpoints + 1) * args.rows // checkpoints).repeat_interleave(200)
+        limit = checkpoint_limits(args.rows, nq, checkpoints)
         best_cpu = best_wall = float("inf")
         for _ in range(args.repeats):
             cpu, wall = cpu_seconds(), time.perf_counter()

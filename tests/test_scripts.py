@@ -102,8 +102,9 @@ def test_profile_attention_on_a_tiny_run(tmp_path):
     assert all(attn[part]["wall_s"] > 0 for part in ("read", "read_unverified", "memory", "streamed", "python"))
 
 
-def test_topk_cpu_time_reports_both_workloads():
+def test_topk_cpu_time_reports_both_workloads(monkeypatch):
     """scripts/topk_cpu_time.py: the per-checkpoint workload and the one-limit one, each timed."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # as `python scripts/topk_cpu_time.py` has it: bench_table beside it
     script = runpy.run_path(str(SCRIPTS / "topk_cpu_time.py"))
     results = script["main"](["--rows", "3000", "--checkpoints", "3", "--repeats", "1", "--threads", "2"])
     assert [(r["queries"], r["limits"]) for r in results] == [(600, 3), (200, 1)]
