@@ -206,7 +206,7 @@ ScanFn pick_scan(int64_t dh) {
 // into its Buffers and scored against every query head.
 class Fp32RowScan {
  public:
-  explicit Fp32RowScan(const ScanQueries& q) : q_(q), block_rows_(block_rows_for(q.dh)), scan_(pick_scan(q.dh)) {}
+  explicit Fp32RowScan(const ScanQueries& q) : q_(q), scan_(pick_scan(q.dh)) {}
 
   static int64_t block_rows(int64_t dh) { return block_rows_for(dh); }
   // Prefetch steps per block: the tile groups of 8 (or 6) queries, per head.
@@ -216,7 +216,7 @@ class Fp32RowScan {
   // would map them all to the same few cache sets, where the transposing stores evict each other.
   struct Buffers {
     explicit Buffers(const Fp32RowScan& scan)
-        : stride(scan.block_rows_ + kLanes), block(scan.q_.nh * scan.q_.dh * stride) {}
+        : stride(block_rows(scan.q_.dh) + kLanes), block(scan.q_.nh * scan.q_.dh * stride) {}
     int64_t stride;
     std::vector<float> block;
   };
@@ -237,7 +237,6 @@ class Fp32RowScan {
 
  private:
   ScanQueries q_;
-  int64_t block_rows_;
   ScanFn scan_;
 };
 
