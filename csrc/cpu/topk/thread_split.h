@@ -34,6 +34,13 @@ inline std::vector<int64_t> live_rows(const int64_t* limit, int64_t nq, int64_t 
   return live;
 }
 
+// [n + 1] running sums of `values`, 0 first.
+inline std::vector<double> prefix_sums(const std::vector<int64_t>& values) {
+  std::vector<double> prefix(values.size() + 1, 0.0);
+  for (size_t i = 0; i < values.size(); ++i) prefix[i + 1] = prefix[i] + static_cast<double>(values[i]);
+  return prefix;
+}
+
 // Block boundaries [parts + 1] (0 first, `blocks` last) splitting the blocks of rows
 // [first_row, first_row + n) (global row numbers) into `parts` ranges of about equal work.
 inline std::vector<int64_t> balanced_block_ranges(const int64_t* limit, int64_t nq, int64_t first_row, int64_t n,
@@ -44,8 +51,7 @@ inline std::vector<int64_t> balanced_block_ranges(const int64_t* limit, int64_t 
   // r + sum over queries of min(live rows, r).
   std::vector<int64_t> live = live_rows(limit, nq, first_row, n);
   std::sort(live.begin(), live.end());
-  std::vector<double> prefix(nq + 1, 0.0);
-  for (int64_t q = 0; q < nq; ++q) prefix[q + 1] = prefix[q] + static_cast<double>(live[q]);
+  const std::vector<double> prefix = prefix_sums(live);
   auto work_before = [&](int64_t r) {
     const int64_t below = std::lower_bound(live.begin(), live.end(), r) - live.begin();  // queries with live < r
     return static_cast<double>(r) + prefix[below] + static_cast<double>(r) * static_cast<double>(nq - below);
@@ -70,9 +76,8 @@ inline std::vector<int64_t> balanced_block_ranges(const int64_t* limit, int64_t 
 // but the last, splitting the queries into `parts` contiguous ranges of about equal work over the chunk.
 inline std::vector<int64_t> balanced_query_ranges(const int64_t* limit, int64_t nq, int64_t first_row, int64_t n,
                                                   int64_t parts, int64_t align) {
-  const std::vector<int64_t> live = live_rows(limit, nq, first_row, n);
-  std::vector<double> prefix(nq + 1, 0.0);  // the work of queries [0, q): their live rows (every part loads every row)
-  for (int64_t q = 0; q < nq; ++q) prefix[q + 1] = prefix[q] + static_cast<double>(live[q]);
+  // The work of queries [0, q): their live rows (every part loads every row).
+  const std::vector<double> prefix = prefix_sums(live_rows(limit, nq, first_row, n));
   std::vector<int64_t> bounds(parts + 1, nq);
   bounds[0] = 0;
   for (int64_t p = 1; p < parts; ++p) {
